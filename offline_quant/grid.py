@@ -1,0 +1,58 @@
+"""The uniform quantization grid shared by RTN and GPTQ: per-row (per output channel, per group)
+scale and zero point from the min/max of the weights, as in the GPTQ paper's Quantizer.
+
+Conventions (docs/FORMAT.md): q = clamp(round(w / scale) + zero, 0, maxq), w' = scale * (q - zero),
+maxq = 2^bits - 1. Symmetric grids use zero = 2^(bits-1) (so q=0 is the most negative level).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def find_params(W: torch.Tensor, bits: int, sym: bool, zero_min: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero for each row of W [rows, cols] -> (scale [rows], zero [rows]) in fp32.
+
+    zero_min=1 keeps asymmetric zero points storable in the v1 format (which stores zero - 1).
+    """
+    maxq = 2 ** bits - 1
+    W = W.float()
+    xmin = W.min(dim=1).values.clamp(max=0)
+    xmax = W.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    dead = (xmin == 0) & (xmax == 0)  # all-zero rows: any positive scale represents them exactly
+    xmin = torch.where(dead, -1.0, xmin)
+    xmax = torch.where(dead, 1.0, xmax)
+    if sym:
+        # Levels run from -2^(b-1) to 2^(b-1)-1 in units of scale; the range is set by |w|max.
+        scale = fp16_ceil(2 * xmax / maxq)
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        scale = fp16_ceil((xmax - xmin) / maxq)
+        zero = torch.round(-xmin / scale)
+        if zero_min:
+            # zero was 0 where all weights are >= 0: shift it up and widen the step to keep xmax.
+            low = zero < zero_min
+            scale = torch.where(low, fp16_ceil(xmax / (maxq - zero_min)), scale)
+            zero = zero.clamp(min=zero_min)
+    return scale, zero
+
+
+def fp16_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """Scales are stored as fp16: round up to an fp16 value so the stored grid still spans the range."""
+    s16 = scale.clamp(min=torch.finfo(torch.float16).tiny).to(torch.float16)
+    up = torch.nextafter(s16, torch.tensor(torch.inf, dtype=torch.float16))
+    return torch.where(s16.float() < scale, up, s16).float()
+
+
+def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer levels of W [rows, cols] (or [rows]) with per-row scale/zero -> same shape, int32."""
+    s, z = (scale, zero) if W.dim() == 1 else (scale[:, None], zero[:, None])
+    return torch.clamp(torch.round(W.float() / s) + z, 0, 2 ** bits - 1).to(torch.int32)
+
+
+def dequantize(Q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    s, z = (scale, zero) if Q.dim() == 1 else (scale[:, None], zero[:, None])
+    return s * (Q.float() - z)
+
