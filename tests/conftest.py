@@ -1,0 +1,41 @@
+"""Shared fixtures: models made without any hub download, cached in $VLLM_GPTQ_CACHE across runs."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+CACHE = Path(os.environ.get("VLLM_GPTQ_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
+MODEL_VERSION = "v1"  # bump when models.py changes how test models are built
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-opt-in", action="store_true", help="also run tests marked opt_in")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-opt-in") or os.environ.get("RUN_OPT_IN") == "1":
+        return
+    skip = pytest.mark.skip(reason="opt-in: pass --run-opt-in or RUN_OPT_IN=1")
+    for item in items:
+        if "opt_in" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> Path:
+    from vllm_gptq_plugin.offline_quant import models
+    return models.tiny_model("llama", CACHE / f"tiny-llama-{MODEL_VERSION}", cache=CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2() -> Path:
+    from vllm_gptq_plugin.offline_quant import models
+    return models.tiny_model("qwen2", CACHE / f"tiny-qwen2-{MODEL_VERSION}", cache=CACHE)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from vllm_gptq_plugin.offline_quant import models
+    return models.fetch_smollm2(CACHE / "smollm2")
