@@ -3,9 +3,15 @@
     w = prepare(qweight, qzeros, scales, g_idx, bits=4, checkpoint_format="gptq", dtype=torch.bfloat16)
     y = gptq_gemm(x, w, bias)          # x [..., K] -> y [..., N], y = x @ dequant(W).T + bias
 
-Tensors arrive in the checkpoint layout of vllm_gptq_plugin.format (docs/FORMAT.md); `prepare` repacks
-them once for the device's kernel. TEMPORARY: until the kernel work lands this is the reference
-fallback (dequantize per call through vllm_gptq_plugin.format.dequantize): correct, not fast.
+Tensors arrive in the checkpoint layout of vllm_gptq_plugin.format (docs/FORMAT.md); `prepare` checks
+them (`can_implement`, FormatError with the reason) and repacks them once for the device's kernel.
+Dispatch by device, bits, dtype and M happens here and nowhere else:
+
+    CUDA/ROCm          -> triton_gemm (every bits / group size / act-order; split-K for small M)
+    CPU, bits <= 4,    -> int4pack: torch._weight_int4pack_mm_for_cpu for M <= INT4PACK_MAX_M,
+      N % 64 == 0,        else the weights are dequantized to T per call and one dense GEMM runs
+      groups tile K
+    CPU, otherwise     -> dequant: unpacked uint8 weights, dequantized to T per call + dense GEMM
 """
 from __future__ import annotations
 
@@ -13,30 +19,75 @@ import dataclasses
 
 import torch
 
-from vllm_gptq_plugin import format as fmt
+from . import cpu
+from .checks import can_implement, check_input, require
+
+__all__ = ["PreparedWeights", "prepare", "gptq_gemm", "can_implement", "choose_backend",
+           "INT4PACK_MAX_M"]
+
+# Measured with benchmarks/kernels.py (2-core AVX-512 CPU, 4096x4096, bf16): int4pack time grows
+# linearly with M and crosses dequant + dense GEMM between M = 4 and 16.
+INT4PACK_MAX_M = 8
+BACKENDS = ("triton", "int4pack", "dequant")
 
 
 @dataclasses.dataclass
 class PreparedWeights:
-    qweight: torch.Tensor
-    qzeros: torch.Tensor
-    scales: torch.Tensor
-    g_idx: torch.Tensor
+    backend: str
+    impl: object          # triton_gemm.TritonWeights | cpu.Int4PackWeights | cpu.DequantWeights
     bits: int
     checkpoint_format: str
     in_features: int
     out_features: int
-    dtype: torch.dtype
+    dtype: torch.dtype    # T: the dtype scales (and CPU GEMMs) run in
+    device: torch.device
+
+    def nbytes(self) -> int:
+        """Bytes the prepared weights keep resident (for the <= 0.3x-of-bf16 memory budget)."""
+        return sum(t.numel() * t.element_size() for t in vars(self.impl).values()
+                   if isinstance(t, torch.Tensor))
+
+
+def choose_backend(device: torch.device, bits: int, g_idx: torch.Tensor, out_features: int) -> str:
+    if device.type != "cpu":
+        return "triton"
+    return "int4pack" if cpu.can_int4pack(bits, g_idx, out_features)[0] else "dequant"
 
 
 def prepare(qweight, qzeros, scales, g_idx, *, bits: int, checkpoint_format: str = "gptq",
-            dtype: torch.dtype = torch.float16) -> PreparedWeights:
-    fmt.check_bits(bits)
-    return PreparedWeights(qweight, qzeros, scales, g_idx, bits, checkpoint_format,
-                           g_idx.shape[0], scales.shape[1], dtype)
+            dtype: torch.dtype = torch.float16, backend: str | None = None) -> PreparedWeights:
+    """Check and repack one layer's checkpoint tensors; `backend` overrides the dispatch (tests)."""
+    require(can_implement(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype))
+    device = qweight.device
+    k, n = g_idx.shape[0], scales.shape[1]
+    backend = backend or choose_backend(device, bits, g_idx, n)
+    if backend == "triton":
+        from . import triton_gemm  # lazy: importing triton on a CPU host switches on its interpreter
+        impl = triton_gemm.prepare_triton(qweight, qzeros, scales, g_idx, bits, checkpoint_format)
+    elif backend == "int4pack":
+        require(cpu.can_int4pack(bits, g_idx, n))
+        impl = cpu.prepare_int4pack(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
+    elif backend == "dequant":
+        impl = cpu.prepare_dequant(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
+    else:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+    return PreparedWeights(backend, impl, bits, checkpoint_format, k, n, dtype, device)
 
 
 def gptq_gemm(x: torch.Tensor, w: PreparedWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
-    weight = fmt.dequantize(w.qweight, w.qzeros, w.scales, w.g_idx, w.bits, w.checkpoint_format,
-                            dtype=x.dtype)
-    return torch.nn.functional.linear(x, weight, bias)
+    require(check_input(x, w.in_features, w.device, bias, w.out_features))
+    if w.backend == "triton":
+        from . import triton_gemm
+        return triton_gemm.triton_gemm(x, w.impl, bias)
+    impl = w.impl
+    x2 = x.reshape(-1, w.in_features).to(w.dtype)
+    if impl.perm is not None:
+        x2 = x2.index_select(1, impl.perm)
+    if w.backend == "int4pack" and x2.shape[0] <= INT4PACK_MAX_M:
+        y = cpu.int4pack_gemm(x2.contiguous(), impl)
+    else:
+        wt = cpu.int4pack_dequant_t(impl) if w.backend == "int4pack" else cpu.dequant_t(impl)
+        y = x2 @ wt
+    if bias is not None:
+        y += bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.out_features)

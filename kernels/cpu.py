@@ -1,0 +1,136 @@
+"""CPU dequant-GEMM paths: torch's int4pack kernel for small M, tile dequant + dense GEMM for large M.
+
+int4pack (bits 2, 3 and 4: 2- and 3-bit values fit a 4-bit container, at 4-bit memory):
+    packed             uint8 [N, K/2]       torch._convert_weight_to_int4pack_for_cpu's layout: blocks of
+                                            64 output channels; byte (k * 32 + c) of block b holds q of
+                                            channel b*64 + c (low nibble) and b*64 + 32 + c (high nibble)
+    scales_and_zeros   T     [K/gs, N, 2]   int4pack's convention, checked by test: W = (q - 8) * s + zf,
+                                            so zf = (8 - zero) * s (asym zeros and v1's +1 folded in)
+    perm               int64 [K] or None    act-order: K sorted by group once at prepare time, so every
+                                            gs-run of K shares one group; x is permuted per call to match
+    gs = the largest of 256/128/64/32 such that each gs-run of the (permuted) K lies in one group.
+
+dequant (8-bit, and layers int4pack cannot take: N % 64 != 0, or groups that do not tile K in runs of 32):
+    q       uint8 [K, N]   unpacked integer weights (K permuted by `perm` under act-order)
+    zeros   T [G, N], scales T [G, N], g_idx int64 [K] (permuted)
+
+T is the dtype given to prepare; activations of another dtype are cast to T for the GEMM and back.
+No dense copy of W is kept: the large-M path dequantizes per call into a transient buffer.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vllm_gptq_plugin import format as fmt
+
+INT4PACK_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
+INT4PACK_BLOCK_N = 64
+
+
+@dataclasses.dataclass
+class Int4PackWeights:
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    group_size: int
+    perm: torch.Tensor | None
+    in_features: int
+    out_features: int
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass
+class DequantWeights:
+    q: torch.Tensor
+    zeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    perm: torch.Tensor | None
+    in_features: int
+    out_features: int
+    dtype: torch.dtype
+
+
+def _act_order_perm(g_idx: torch.Tensor) -> torch.Tensor | None:
+    """K order that makes groups contiguous; None when g_idx is already sorted."""
+    g = g_idx.to(torch.int64)
+    if bool((g[1:] >= g[:-1]).all()):
+        return None
+    return torch.argsort(g, stable=True)
+
+
+def int4pack_group_size(sorted_g_idx: torch.Tensor) -> int:
+    """Largest int4pack group size whose runs of K each lie in one group; 0 if none."""
+    k = sorted_g_idx.shape[0]
+    for gs in INT4PACK_GROUP_SIZES:
+        if k % gs == 0:
+            runs = sorted_g_idx.view(-1, gs)
+            if bool((runs == runs[:, :1]).all()):
+                return gs
+    return 0
+
+
+def can_int4pack(bits: int, g_idx: torch.Tensor, out_features: int) -> tuple[bool, str | None]:
+    if bits > 4:
+        return False, f"{bits}-bit values do not fit int4pack's 4-bit container"
+    if out_features % INT4PACK_BLOCK_N:
+        return False, f"int4pack packs output channels in blocks of {INT4PACK_BLOCK_N}; N={out_features}"
+    perm = _act_order_perm(g_idx)
+    g = g_idx.to(torch.int64) if perm is None else g_idx.to(torch.int64)[perm]
+    if not int4pack_group_size(g):
+        return False, "groups do not tile K in runs of 32/64/128/256 (even after sorting by g_idx)"
+    return True, None
+
+
+def prepare_int4pack(qweight, qzeros, scales, g_idx, bits: int, checkpoint_format: str,
+                     dtype: torch.dtype) -> Int4PackWeights:
+    q, zeros, scales, g = fmt.unpack_layer(
+        {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}, bits, checkpoint_format)
+    k, n = q.shape
+    perm = _act_order_perm(g)
+    if perm is not None:
+        q, g = q[perm], g[perm]
+    gs = int4pack_group_size(g)
+    assert gs and n % INT4PACK_BLOCK_N == 0, "call can_int4pack first"
+    run_group = g[::gs]  # the checkpoint group of each int4pack group
+    # Scales are rounded to T first, as format.dequantize does; zf is then exact up to one rounding.
+    s = scales.to(dtype).float()[run_group]  # [K/gs, N]
+    zf = (8 - zeros[run_group].float()) * s
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.t().contiguous(), 1)
+    return Int4PackWeights(packed, torch.stack([s, zf], dim=-1).to(dtype).contiguous(), gs, perm,
+                           k, n, dtype)
+
+
+def int4pack_gemm(x2: torch.Tensor, w: Int4PackWeights) -> torch.Tensor:
+    """x2 [M, K] in T (already permuted) -> [M, N] in T. Time grows linearly with M: small M only."""
+    return torch._weight_int4pack_mm_for_cpu(x2, w.packed, w.group_size, w.scales_and_zeros)
+
+
+def int4pack_dequant_t(w: Int4PackWeights) -> torch.Tensor:
+    """The transient W^T [K, N] in T (permuted K order), read straight from int4pack's layout."""
+    k, n = w.in_features, w.out_features
+    blocks = w.packed.view(n // INT4PACK_BLOCK_N, k, 32)
+    wt = torch.empty((k, n // INT4PACK_BLOCK_N, 2, 32), dtype=w.dtype)
+    wt[:, :, 0].copy_((blocks & 15).transpose(0, 1))
+    wt[:, :, 1].copy_((blocks >> 4).transpose(0, 1))
+    wt = wt.view(k // w.group_size, w.group_size, n)
+    s, zf = w.scales_and_zeros.unbind(-1)
+    # q * s + (zf - 8 s) == (q - 8) * s + zf, one pass fewer over the [K, N] buffer
+    return wt.mul_(s[:, None]).add_((zf - 8 * s)[:, None]).view(k, n)
+
+
+def prepare_dequant(qweight, qzeros, scales, g_idx, bits: int, checkpoint_format: str,
+                    dtype: torch.dtype) -> DequantWeights:
+    q, zeros, scales, g = fmt.unpack_layer(
+        {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}, bits, checkpoint_format)
+    perm = _act_order_perm(g)
+    if perm is not None:
+        q, g = q[perm], g[perm]
+    return DequantWeights(q.to(torch.uint8).contiguous(), zeros.to(dtype), scales.to(dtype), g.contiguous(),
+                          perm, q.shape[0], q.shape[1], dtype)
+
+
+def dequant_t(w: DequantWeights) -> torch.Tensor:
+    """W^T [K, N] in T (permuted K order); zeros/scales gathered per row, so any g_idx works."""
+    return (w.q.to(w.dtype) - w.zeros[w.g_idx]).mul_(w.scales[w.g_idx])
