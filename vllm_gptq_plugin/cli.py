@@ -14,6 +14,7 @@ COMMANDS = {
     "inspect": ("vllm_gptq_plugin.inspect", "validate a checkpoint and print its format, bits, groups, layers"),
     "ppl": ("vllm_gptq_plugin.offline_quant.ppl", "perplexity of a fp or quantized model on a text file"),
     "generate": ("vllm_gptq_plugin.generate", "generate text with vLLM and the gptq-plugin quantization"),
+    "export-gguf": ("vllm_gptq_plugin.offline_quant.gguf_export", "export a checkpoint to a GGUF file"),
 }
 
 
