@@ -21,7 +21,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    top = argparse.ArgumentParser(prog="vllm-gptq", description=__doc__.splitlines()[0])
+    top = argparse.ArgumentParser(prog="vllm-gptq", description="GPTQ quantization and vLLM serving tools")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
