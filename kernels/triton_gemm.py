@@ -39,7 +39,6 @@ import triton.language as tl  # noqa: E402
 
 from vllm_gptq_plugin import format as fmt  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -145,9 +144,10 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: few programs keep it quick
 
 
-def pick_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
+def pick_config(m: int, n: int, k: int, num_sms: int) -> TileConfig:
     """The tile-config table: decode (M <= 16) is weight-bandwidth bound, so narrow M tiles and split-K
-    until ~2 waves of programs cover the GPU; prefill uses square-ish tiles and no split."""
+    until ~2 waves of programs cover the GPU (keeping >= 4 K steps per split); prefill uses larger
+    tiles and no split."""
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif m <= 64:
@@ -155,11 +155,9 @@ def pick_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
     else:
         bm, bn, bk, warps, stages = 64, 128, 32, 4, 3
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    k_steps = triton.cdiv(k, bk)
     split = 1
     if m <= 64:
-        split = max(1, min(triton.cdiv(2 * _num_sms(device), tiles), k_steps // 4 if not INTERPRETED
-                           else k_steps, 16))
+        split = max(1, min(triton.cdiv(2 * num_sms, tiles), triton.cdiv(k, bk) // 4, 16))
     return TileConfig(bm, bn, bk, split, warps, stages)
 
 
@@ -184,7 +182,7 @@ def triton_gemm(x: torch.Tensor, w: TritonWeights, bias: torch.Tensor | None = N
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    cfg = config or pick_config(m, n, k, x.device)
+    cfg = config or pick_config(m, n, k, _num_sms(x.device))
     block_k = _clamp_block_k(cfg.block_k, w.group_size)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)

@@ -1,0 +1,110 @@
+"""The CPU paths (int4pack for small M, dequant + dense GEMM for large M, generic dequant) against
+format.dequantize + F.linear: every bits x sym/asym x v1/v2 x act-order x group size, M in
+{1, 3, 16, 33} (both sides of INT4PACK_MAX_M), bf16/fp16/fp32. Tolerance: max|y - ref| <= TOL * max|ref|
+(int4pack folds zeros into a float offset (8 - zero) * scale rounded to T: one extra rounding in T).
+"""
+import pytest
+import torch
+
+from vllm_gptq_plugin import format as fmt
+from vllm_gptq_plugin import kernels
+from vllm_gptq_plugin.kernels import cpu, gptq_gemm, prepare
+from vllm_gptq_plugin.kernels.testing import random_layer
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MS = (1, 3, 16, 33)
+CASES = [(bits, gs, act) for bits in fmt.SUPPORTED_BITS for gs in fmt.SUPPORTED_GROUP_SIZES
+         for act in (False, True) if not (gs == -1 and act)]
+ZERO_CONVENTIONS = [(True, "gptq"), (False, "gptq"), (True, "gptq_v2"), (False, "gptq_v2")]
+
+
+def reference(x, t, bits, checkpoint_format, bias=None):
+    w = fmt.dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, checkpoint_format,
+                       dtype=x.dtype)
+    return torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+
+
+def assert_close(y, ref, dtype):
+    assert y.dtype == dtype and y.shape == ref.shape
+    err = (y.float() - ref).abs().max().item()
+    assert err <= TOL[dtype] * ref.abs().max().item(), f"max error {err} vs max |ref| {ref.abs().max()}"
+
+
+def test_small_m_and_large_m_both_tested():
+    assert min(MS) <= kernels.INT4PACK_MAX_M < max(MS)
+
+
+@pytest.mark.parametrize("sym,checkpoint_format", ZERO_CONVENTIONS)
+@pytest.mark.parametrize("bits,group_size,act_order", CASES)
+def test_dispatched_path_matches_reference(bits, group_size, act_order, sym, checkpoint_format):
+    n, k = 128, 256
+    t = random_layer(n, k, bits, group_size, act_order=act_order, sym=sym,
+                     checkpoint_format=checkpoint_format, seed=bits * 1000 + group_size)
+    for dtype in DTYPES:
+        w = prepare(**t, bits=bits, checkpoint_format=checkpoint_format, dtype=dtype)
+        assert w.backend == ("int4pack" if bits <= 4 else "dequant")
+        for m in MS:
+            x = torch.randn(m, k).to(dtype)
+            assert_close(gptq_gemm(x, w), reference(x, t, bits, checkpoint_format), dtype)
+
+
+@pytest.mark.parametrize("bits", fmt.SUPPORTED_BITS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_generic_dequant_path_matches_reference(bits, act_order):
+    n, k = 96, 256  # N % 64 != 0: int4pack cannot take it, dispatch falls back
+    t = random_layer(n, k, bits, 32, act_order=act_order, seed=bits)
+    w = prepare(**t, bits=bits, dtype=torch.bfloat16)
+    assert w.backend == "dequant"
+    bias = torch.randn(n).bfloat16()
+    for m in (1, 33):
+        x = torch.randn(m, k).bfloat16()
+        assert_close(gptq_gemm(x, w, bias), reference(x, t, bits, "gptq", bias), torch.bfloat16)
+
+
+def test_int4pack_scales_and_zeros_convention():
+    # torch's int4pack computes W = (q - 8) * s + zf: check it on a one-group layer by hand.
+    n, k, gs = 64, 32, 32
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    s, zero = torch.rand(1, n) + 0.5, torch.randint(0, 16, (1, n)).float()
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    sz = torch.stack([s, (8 - zero) * s], dim=-1)
+    x = torch.randn(2, k)
+    want = x @ ((q.float() - zero.t()) * s.t()).t()
+    torch.testing.assert_close(torch._weight_int4pack_mm_for_cpu(x, packed, gs, sz), want)
+
+
+def test_act_order_tp_shard_with_uneven_groups_falls_back_and_matches():
+    # A row-parallel shard: g_idx points into all groups of the full layer, runs are not 32-aligned.
+    n, k, bits = 64, 256, 4
+    full = random_layer(n, k, bits, 32, act_order=True, seed=5)
+    shard = {"qweight": full["qweight"][16:].contiguous(), "qzeros": full["qzeros"],
+             "scales": full["scales"], "g_idx": full["g_idx"][128:].contiguous()}
+    w = prepare(**shard, bits=bits, dtype=torch.float32)
+    assert w.backend == "dequant"
+    x = torch.randn(5, 128)
+    assert_close(gptq_gemm(x, w), reference(x, shard, bits, "gptq"), torch.float32)
+
+
+def test_activation_dtype_other_than_prepared_dtype():
+    t = random_layer(128, 256, 4, 64, seed=1)
+    w = prepare(**t, bits=4, dtype=torch.bfloat16)
+    x = torch.randn(3, 256)
+    y = gptq_gemm(x, w)
+    assert y.dtype == torch.float32
+    assert_close(y.bfloat16(), reference(x.bfloat16(), t, 4, "gptq"), torch.bfloat16)
+
+
+def test_int4pack_memory_within_budget_and_no_dense_copy():
+    n, k = 1024, 1024
+    w = prepare(**random_layer(n, k, 4, 128, act_order=True), bits=4, dtype=torch.bfloat16)
+    assert w.backend == "int4pack"
+    assert w.nbytes() <= 0.3 * n * k * 2
+    assert not any(t.numel() >= n * k for t in vars(w.impl).values() if isinstance(t, torch.Tensor))
+
+
+def test_int4pack_group_size_picks_largest_run():
+    g = torch.arange(512) // 128
+    assert cpu.int4pack_group_size(g) == 128
+    assert cpu.int4pack_group_size(torch.zeros(512, dtype=torch.long)) == 256
+    assert cpu.int4pack_group_size(torch.arange(512) // 16) == 0
