@@ -1,0 +1,599 @@
+"""Whole-model quantization, one decoder block at a time, and the `vllm-gptq quantize` command.
+
+The pipeline (the GPTQ paper's, as in its reference llama.py):
+1. Capture what enters the decoder blocks for the calibration set: the hidden states entering block 0
+   and each block's keyword arguments (position embeddings, mask, position ids), by replacing every
+   block's forward with a recorder, so that only the embeddings run.
+2. For each block: find its Linears' true-sequential groups by tracing one batch (Linears that read
+   the same input tensor form a group: q/k/v, then o, then gate/up, then down), and for each group in
+   order accumulate H from the block's forward over the calibration set (stopping right before the
+   group's last Linear runs), solve, and write the dequantized Q back, so that later groups see the
+   quantized outputs of earlier ones. Then run the quantized block to produce the next block's inputs.
+3. lm_head (opt-in) is quantized last on the final norm's output; embeddings and norms stay fp.
+
+Memory: the fp model plus one [nsamples, seqlen, hidden] activation buffer, updated in place, plus
+one group's Hessians. Resume: after each block, the block's packed tensors, the next block's inputs
+and the report so far go to `<out>.partial/` (each file written to a temporary name and renamed; the
+state file last). Rerunning the same command continues from there and writes a bit-identical
+model.safetensors; different settings refuse to resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from vllm_gptq_plugin import format as fmt
+from vllm_gptq_plugin.offline_quant import checkpoint, report as rpt
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALIB = ("mix",)  # Shakespeare + Python docs: generalizes better than either alone
+DEFAULT_NSAMPLES = 128
+DEFAULT_SEQLEN = 512  # the paper uses 128 x 2048; 512 tokens suffice for small models and 4x faster
+DEFAULT_BATCH = 8
+METHODS = ("gptq", "rtn")
+CAUSAL_LM_ARCHS = ("CausalLM", "LMHeadModel", "ForConditionalGeneration")  # config.json architectures
+STATE_VERSION = 1
+# Where HF causal LMs keep their decoder blocks and final norm (first match wins).
+BLOCK_LISTS = ("model.layers", "model.language_model.layers", "model.decoder.layers",
+               "gpt_neox.layers", "transformer.h")
+FINAL_NORMS = ("model.norm", "model.language_model.norm", "model.decoder.final_layer_norm",
+               "gpt_neox.final_layer_norm", "transformer.ln_f")
+
+
+class _StopForward(Exception):
+    """Raised from a hook once a forward pass has produced everything needed from it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    sources: tuple[str, ...] = DEFAULT_CALIB
+    nsamples: int = DEFAULT_NSAMPLES
+    seqlen: int = DEFAULT_SEQLEN
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: loading, blocks, captured block inputs
+# ---------------------------------------------------------------------------------------------
+
+def load_causal_lm(model_dir: str | os.PathLike):
+    """The fp model in fp32 (GPTQ's Hessians and solves need it) and its source dtype."""
+    import transformers
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise fmt.FormatError(f"{model_dir} is not a Hugging Face model folder (no config.json): point "
+                              "--model at a folder saved with save_pretrained")
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    archs = getattr(config, "architectures", None) or []
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING or (
+            archs and not any(k in a for a in archs for k in CAUSAL_LM_ARCHS)):
+        kind = ", ".join(archs) or "no architectures"
+        raise fmt.FormatError(f"{model_dir} holds a {config.model_type!r} model ({kind}), which is not a "
+                              "causal language model: GPTQ quantization here needs an AutoModelForCausalLM "
+                              "checkpoint")
+    src_dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(src_dtype, str):
+        src_dtype = getattr(torch, src_dtype)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    except OSError as e:  # no or unreadable weight files
+        raise fmt.FormatError(f"cannot load the model weights from {model_dir}: {e}") from e
+    model.eval().requires_grad_(False)
+    model.config.use_cache = False
+    return model, src_dtype
+
+
+def decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    for path in BLOCK_LISTS:
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            return path, blocks
+    raise fmt.FormatError(f"cannot find the decoder blocks of {type(model).__name__}: expected a "
+                          f"ModuleList at one of {BLOCK_LISTS} (add this architecture's path to BLOCK_LISTS)")
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    for path in FINAL_NORMS:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise fmt.FormatError(f"cannot find the final norm of {type(model).__name__} (needed to quantize "
+                          f"lm_head): expected one of {FINAL_NORMS}")
+
+
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def capture_block_inputs(model, blocks: torch.nn.ModuleList, ids: torch.Tensor, batches: list[slice],
+                         keep_hidden: bool = True):
+    """(hidden states entering block 0 [n, L, D] or None, kwargs[batch][block]).
+
+    Each block's forward is replaced by a recorder that passes its input through, so only the
+    embeddings and the per-layer arguments (rotary embeddings, masks: they differ per layer in e.g.
+    Gemma3) are computed; the last recorder stops the model before the final norm and lm_head.
+    """
+    hidden = None
+    kwargs: list[list[dict[str, Any]]] = []
+    per_block: list[dict[str, Any]] = [{} for _ in blocks]
+
+    def recorder(i):
+        def forward(hidden_states, *args, **kw):
+            assert not args, "decoder blocks are expected to take everything but the input by keyword"
+            per_block[i] = kw
+            if i == 0 and keep_hidden:
+                captured.append(hidden_states)
+            if i == len(blocks) - 1:
+                raise _StopForward
+            return hidden_states
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    try:
+        for sl in batches:
+            captured: list[torch.Tensor] = []
+            try:
+                model(input_ids=ids[sl], use_cache=False)
+            except _StopForward:
+                pass
+            if keep_hidden:
+                if hidden is None:
+                    hidden = torch.empty((ids.shape[0],) + captured[0].shape[1:], dtype=captured[0].dtype)
+                hidden[sl] = captured[0]
+            kwargs.append(list(per_block))
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's forward
+    return hidden, kwargs
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def sequential_groups(block: torch.nn.Module, names: Sequence[str], x: torch.Tensor,
+                      kw: dict[str, Any], true_sequential: bool) -> list[list[str]]:
+    """The block's Linears `names` (relative to the block) in execution order, grouped by shared input.
+
+    Linears reading the very same tensor (q/k/v; gate/up) are quantized together from one Hessian;
+    each later group is quantized after the earlier ones, on their quantized outputs.
+    """
+    modules = dict(block.named_modules())
+    order: list[str] = []
+    inputs: list[torch.Tensor] = []  # kept alive so `is` compares tensors, not recycled ids
+    handles = []
+    for name in names:
+        def hook(module, args, name=name):
+            order.append(name)
+            inputs.append(args[0])
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        block(x, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in order]
+    if missing:
+        raise fmt.FormatError(f"Linear layers {missing} never ran in the block's forward pass: this "
+                              "architecture is not a plain stack of Linear blocks; exclude them with --skip")
+    seen, groups = set(), []
+    for i, name in enumerate(order):
+        if name in seen:  # a Linear called twice: its first call decides its group
+            continue
+        seen.add(name)
+        if groups and inputs[i] is inputs[order.index(groups[-1][0])]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups if true_sequential else [[n for g in groups for n in g]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizing one block
+# ---------------------------------------------------------------------------------------------
+
+def _row(name: str, block: int, lcfg: fmt.QuantConfig, stats: dict[str, Any], sqnr: float,
+         seconds: float) -> dict[str, Any]:
+    return {"name": name, "block": block, "bits": lcfg.bits, "group_size": lcfg.group_size,
+            "sym": lcfg.sym, "desc_act": lcfg.desc_act, "damp": stats.get("damp_percent"),
+            "escalations": stats.get("damp_escalations", 0), "cond": stats.get("hessian_cond_est"),
+            "dead_columns": stats.get("dead_columns", 0), "fallback": stats.get("fallback"),
+            "hints": rpt.hints(stats), "loss": stats.get("loss"), "sqnr_db": sqnr, "seconds": seconds}
+
+
+def _pack(module: torch.nn.Linear, result, lcfg: fmt.QuantConfig, checkpoint_format: str):
+    packed = fmt.pack_layer(result.q, result.zeros, result.scales, result.g_idx, lcfg.bits,
+                            checkpoint_format)
+    if module.bias is not None:
+        packed["bias"] = module.bias.detach().to(torch.float16)
+    return packed
+
+
+@torch.no_grad()
+def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.Linear, fmt.QuantConfig, str]],
+                   inps: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice],
+                   cfg: fmt.QuantConfig, block_index: int, progress: Callable[[str], None]):
+    """Hessians of `members` from the block's forward over the calibration set, then GPTQ each.
+
+    Members reading the same input share one Hessian (accumulated once, copied). The forward stops
+    before the last member runs: nothing after it is needed.
+    """
+    from vllm_gptq_plugin.offline_quant.gptq import GPTQ
+    gptq = {m: GPTQ(layers[m][0], layers[m][2]) for m in members}
+    alias: dict[str, str] = {}
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for m in members:
+        def hook(module, args, m=m):
+            x = args[0]
+            src = next((s for s, t in seen.items() if t is x), None)
+            if src is None:
+                gptq[m].add_batch(x)
+            else:
+                alias[m] = src
+            seen[m] = x
+            if m == members[-1]:
+                raise _StopForward
+        handles.append(layers[m][0].register_forward_pre_hook(hook))
+    try:
+        for b, sl in enumerate(batches):
+            seen.clear()
+            try:
+                block(inps[sl], **kwargs[b])
+            except _StopForward:
+                pass
+    finally:
+        seen.clear()
+        for h in handles:
+            h.remove()
+    for m, src in alias.items():
+        gptq[m].H = gptq[src].H.clone()
+        gptq[m].nsamples = gptq[src].nsamples
+    packed, rows = {}, []
+    for m in members:
+        module, lcfg, full = layers[m]
+        progress(full)
+        t0 = time.perf_counter()
+        W = module.weight.detach().float().clone()
+        H = gptq[m].H.clone()  # fasterquant damps H in place; SQNR needs the raw one
+        result = gptq[m].fasterquant(lcfg)
+        module.weight.copy_(result.Q.to(module.weight.dtype))
+        packed[full] = _pack(module, result, lcfg, cfg.checkpoint_format)
+        seconds = time.perf_counter() - t0
+        rows.append(_row(full, block_index, lcfg, result.stats,
+                         rpt.output_sqnr_db(W, result.Q, H), seconds))
+        gptq[m].free()
+        del W, H, result
+    return packed, rows
+
+
+@torch.no_grad()
+def run_block(block, inps: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice]) -> None:
+    """inps <- block(inps), batch by batch in place: only one activation buffer is ever live."""
+    for b, sl in enumerate(batches):
+        inps[sl] = _block_output(block(inps[sl], **kwargs[b]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume state: <out>.partial/
+# ---------------------------------------------------------------------------------------------
+
+class WorkState:
+    """Finished blocks' packed tensors, the next block's inputs and the report rows, on disk."""
+
+    def __init__(self, out: Path, key: dict[str, Any]):
+        self.dir = out.with_name(out.name + ".partial")
+        self.key = key
+        self.digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    def _write(self, fname: str, writer: Callable[[Path], None]) -> None:
+        tmp = self.dir / f".{fname}.tmp"
+        try:
+            writer(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.dir / fname)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise fmt.FormatError(f"disk full while saving resume state to {self.dir}: free space "
+                                      "and rerun the same command to continue") from e
+            raise
+
+    def load(self, resume: bool) -> dict[str, Any] | None:
+        """The saved state to continue from, or None (starting afresh, old state removed)."""
+        state_file = self.dir / "state.json"
+        if not state_file.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)  # died before finishing a block: nothing to keep
+            return None
+        state = json.loads(state_file.read_text())
+        if not resume:
+            log.info("discarding the earlier partial run in %s (resume is off)", self.dir)
+            shutil.rmtree(self.dir)
+            return None
+        if state.get("digest") != self.digest:
+            old = state.get("key", {})
+            diff = sorted(k for k in set(old) | set(self.key) if old.get(k) != self.key.get(k))
+            raise fmt.FormatError(f"{self.dir} holds a partial run with different settings ({', '.join(diff)} "
+                                  "differ): rerun with the same arguments to resume it, or pass --no-resume "
+                                  "to discard it and start over")
+        return state
+
+    def restore(self, state: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+        from safetensors.torch import load_file
+        packed: dict[str, dict[str, torch.Tensor]] = {}
+        for i in range(state["done"]):
+            for key, t in load_file(self.dir / f"block-{i:04d}.safetensors").items():
+                name, sfx = key.rsplit(".", 1)
+                packed.setdefault(name, {})[sfx] = t
+        return packed, load_file(self.dir / state["inputs"])["hidden"]
+
+    def save(self, done: int, block_packed: dict[str, dict[str, torch.Tensor]], inps: torch.Tensor,
+             rows: list[dict[str, Any]]) -> None:
+        from safetensors.torch import save_file
+        self.dir.mkdir(parents=True, exist_ok=True)
+        flat = {f"{n}.{s}": t.contiguous() for n, ts in block_packed.items() for s, t in ts.items()}
+        self._write(f"block-{done - 1:04d}.safetensors", lambda p: save_file(flat, p))
+        inputs = f"inputs-{done:04d}.safetensors"
+        self._write(inputs, lambda p: save_file({"hidden": inps}, p))
+        state = {"version": STATE_VERSION, "digest": self.digest, "key": self.key, "done": done,
+                 "inputs": inputs, "rows": rows}
+        self._write("state.json", lambda p: p.write_text(rpt.to_json(state)))
+        for old in self.dir.glob("inputs-*.safetensors"):
+            if old.name != inputs:
+                old.unlink()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _run_key(model_dir: Path, cfg: fmt.QuantConfig, calib: Calibration, method: str, batch_size: int,
+             ids: torch.Tensor | None) -> dict[str, Any]:
+    """Everything the result depends on; a saved state is resumed only if all of it matches."""
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.glob("*.safetensors"))
+    return {"model": str(model_dir.absolute()), "weights": [list(w) for w in weights],
+            "config": cfg.to_dict(), "method": method, "calibration": dataclasses.asdict(calib),
+            "batch_size": batch_size,
+            "calibration_tokens": None if ids is None else hashlib.sha256(ids.numpy().tobytes()).hexdigest()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model
+# ---------------------------------------------------------------------------------------------
+
+def _bars(enabled: bool):
+    from tqdm.auto import tqdm
+    return lambda **kw: tqdm(disable=not enabled, **kw)
+
+
+def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fmt.QuantConfig,
+                   calib: Calibration = Calibration(), method: str = "gptq", resume: bool = True,
+                   overwrite: bool = False, batch_size: int = DEFAULT_BATCH, threads: int | None = None,
+                   progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Quantize the HF causal LM at `model_dir` into checkpoint `out`; returns (path, report)."""
+    t_start = time.perf_counter()
+    model_dir, out = Path(model_dir), Path(out).absolute()
+    if method not in METHODS:
+        raise fmt.FormatError(f"unknown method {method!r}: choose one of {METHODS}")
+    if out.exists() and not overwrite:  # fail before the slow part
+        raise fmt.FormatError(f"{out} already exists: choose another output folder or pass --overwrite")
+    if threads:
+        torch.set_num_threads(threads)
+    model, src_dtype = load_causal_lm(model_dir)
+    cfg = dataclasses.replace(cfg, meta={**cfg.meta, "quantizer": "vllm-gptq-plugin", "method": method})
+    targets = checkpoint.quantizable_linears(model, cfg)  # refuses shapes the format cannot hold
+    bars = _bars(progress)
+    if method == "rtn":
+        packed, rows = _rtn(targets, cfg, bars)
+        calib_info = None
+    else:
+        packed, rows = _gptq(model, model_dir, out, targets, cfg, calib, resume, batch_size, bars)
+        calib_info = dataclasses.asdict(calib)
+    rep = {"method": method, "config": cfg.to_dict(), "calibration": calib_info,
+           "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t_start,
+           "peak_rss_mb": rpt.peak_rss_mb(), "memory": _memory(model, calib, method),
+           "layers": rows, "sensitivity": rpt.sensitivity(rows)}
+    path = _write(model, packed, cfg, out, model_dir, src_dtype, overwrite,
+                  {rpt.REPORT_FILE: rpt.to_json(rep)})
+    if method == "gptq":
+        WorkState(out, {}).remove()
+    return path, rep
+
+
+def _memory(model, calib: Calibration, method: str) -> dict[str, float]:
+    model_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    act_mb = 0.0 if method == "rtn" else calib.nsamples * calib.seqlen * model.config.hidden_size * 4 / 2**20
+    return {"model_mb": model_mb, "activations_mb": act_mb, "bound_mb": 1.5 * model_mb + act_mb}
+
+
+def _rtn(targets, cfg: fmt.QuantConfig, bars):
+    from vllm_gptq_plugin.offline_quant import rtn
+    packed, rows = {}, []
+    for name, (module, lcfg) in bars(iterable=targets.items(), desc="rtn", unit="layer"):
+        t0 = time.perf_counter()
+        W = module.weight.detach().float()
+        q, zeros, scales, g_idx = rtn.quantize_weight(W, lcfg)
+        packed[name] = fmt.pack_layer(q, zeros, scales, g_idx, lcfg.bits, cfg.checkpoint_format)
+        if module.bias is not None:
+            packed[name]["bias"] = module.bias.detach().to(torch.float16)
+        Q = (q.float() - zeros[g_idx.long()].t().float()) * scales[g_idx.long()].t()
+        rows.append(_row(name, -1, lcfg, {}, rpt.output_sqnr_db(W, Q, None), time.perf_counter() - t0))
+    return packed, rows
+
+
+def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, calib: Calibration,
+          resume: bool, batch_size: int, bars):
+    import transformers
+    from vllm_gptq_plugin.offline_quant import data
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ids = data.calibration_samples(tokenizer, list(calib.sources), calib.nsamples, calib.seqlen, calib.seed)
+    prefix, blocks = decoder_blocks(model)
+    batches = batch_slices(ids.shape[0], batch_size)
+    work = WorkState(out, _run_key(model_dir, cfg, calib, "gptq", batch_size, ids))
+    state = work.load(resume)
+    if state is None:
+        start, packed, rows = 0, {}, []
+        inps, kwargs = capture_block_inputs(model, blocks, ids, batches)
+    else:
+        start, rows = state["done"], state["rows"]
+        packed, inps = work.restore(state)
+        _, kwargs = capture_block_inputs(model, blocks, ids, batches, keep_hidden=False)
+        log.info("resuming from %s: %d of %d blocks already quantized", work.dir, start, len(blocks))
+    block_bar = bars(total=len(blocks), initial=start, desc="blocks", unit="block")
+    for i in range(start, len(blocks)):
+        block, bprefix = blocks[i], f"{prefix}.{i}."
+        layers = {name[len(bprefix):]: (module, lcfg, name) for name, (module, lcfg) in targets.items()
+                  if name.startswith(bprefix)}
+        block_kw = [kw[i] for kw in kwargs]
+        groups = sequential_groups(block, list(layers), inps[batches[0]], block_kw[0], cfg.true_sequential)
+        layer_bar = bars(total=len(layers), desc=f"block {i}", unit="layer", leave=False)
+        block_packed = {}
+        for members in groups:
+            def step(name):
+                layer_bar.set_postfix_str(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
+            p, r = quantize_group(block, members, layers, inps, block_kw, batches, cfg, i, step)
+            layer_bar.update(len(members))
+            block_packed.update(p)
+            rows.extend(r)
+        layer_bar.close()
+        run_block(block, inps, block_kw, batches)
+        packed.update(block_packed)
+        work.save(i + 1, block_packed, inps, rows)
+        block_bar.update(1)
+    block_bar.close()
+    if "lm_head" in targets:
+        packed["lm_head"], row = _lm_head(model, targets["lm_head"], inps, batches, cfg)
+        rows.append(row)
+    return packed, rows
+
+
+@torch.no_grad()
+def _lm_head(model, target, inps: torch.Tensor, batches: list[slice], cfg: fmt.QuantConfig):
+    from vllm_gptq_plugin.offline_quant.gptq import GPTQ
+    module, lcfg = target
+    if module.weight is model.get_input_embeddings().weight:  # tied: quantize a copy, keep the embedding
+        module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    norm = final_norm(model)
+    g = GPTQ(module, "lm_head")
+    for sl in batches:
+        g.add_batch(norm(inps[sl]))
+    t0 = time.perf_counter()
+    W, H = module.weight.detach().float().clone(), g.H.clone()
+    result = g.fasterquant(lcfg)
+    module.weight.copy_(result.Q)
+    packed = _pack(module, result, lcfg, cfg.checkpoint_format)
+    row = _row("lm_head", -1, lcfg, result.stats, rpt.output_sqnr_db(W, result.Q, H), time.perf_counter() - t0)
+    g.free()
+    return packed, row
+
+
+def _write(model, packed, cfg: fmt.QuantConfig, out: Path, source: Path, dtype: torch.dtype,
+           overwrite: bool, extra_files: dict[str, str]) -> Path:
+    """checkpoint.write, keeping the source's dtype for the fp tensors and an untied lm_head untied."""
+    model_config = json.loads((source / "config.json").read_text())
+    model_config.pop("quantization_config", None)
+    if "lm_head" in packed:
+        model_config["tie_word_embeddings"] = False
+    tensors = checkpoint.checkpoint_tensors(model, packed, dtype=dtype)
+    path = fmt.save_checkpoint(out, tensors, cfg, model_config, source=source, overwrite=overwrite,
+                               extra_files=extra_files)
+    fmt.validate(path)  # never hand back a checkpoint we could not read ourselves
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+RULE_KEYS = {"bits": int, "group_size": int, "sym": lambda v: v.lower() in ("1", "true", "yes"),
+             "desc_act": lambda v: v.lower() in ("1", "true", "yes")}
+
+
+def parse_rule(text: str) -> tuple[str, dict[str, Any]]:
+    """'REGEX=bits:8,group_size:128' -> ('+:REGEX', {'bits': 8, 'group_size': 128})."""
+    regex, eq, spec = text.rpartition("=")
+    if not eq or not regex:
+        raise fmt.FormatError(f"--rule {text!r}: expected REGEX=key:value[,key:value], e.g. "
+                              r"'.*\.down_proj$=bits:8'")
+    overrides = {}
+    for item in filter(None, spec.split(",")):
+        key, colon, value = item.partition(":")
+        if not colon or key not in RULE_KEYS:
+            raise fmt.FormatError(f"--rule {text!r}: {item!r} is not key:value with key in {sorted(RULE_KEYS)}")
+        try:
+            overrides[key] = RULE_KEYS[key](value)
+        except ValueError as e:
+            raise fmt.FormatError(f"--rule {text!r}: {key} must be an integer, got {value!r}") from e
+    return f"+:{regex}", overrides
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="HF causal LM folder (fp16/bf16/fp32 safetensors)")
+    p.add_argument("--out", required=True, help="checkpoint folder to create")
+    p.add_argument("--method", choices=METHODS, default="gptq", help="gptq (calibrated) or rtn (baseline)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or -1 for per-channel")
+    p.add_argument("--act-order", action="store_true", help="desc_act: quantize columns by descending H diag")
+    p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
+    p.add_argument("--static-groups", action="store_true", help="group grids fixed before the solve")
+    p.add_argument("--damp-percent", type=float, default=0.01)
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="quantize all of a block's Linears from fp inputs (faster, slightly worse)")
+    p.add_argument("--format", dest="checkpoint_format", choices=fmt.FORMATS, default="gptq")
+    p.add_argument("--lm-head", action="store_true", help="quantize lm_head too")
+    p.add_argument("--rule", action="append", default=[], metavar="REGEX=bits:B,group_size:G",
+                   help="per-module override (re.match on the module name), repeatable")
+    p.add_argument("--skip", action="append", default=[], metavar="REGEX", help="leave matching modules fp")
+    p.add_argument("--calib", nargs="+", default=list(DEFAULT_CALIB),
+                   help="calibration sources: mix (default), pydocs, shakespeare, corpus:split, .txt/.jsonl "
+                        "files or HF dataset folders")
+    p.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES)
+    p.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="calibration samples per forward")
+    p.add_argument("--resume", dest="resume", action="store_true", default=True,
+                   help="continue an interrupted run of the same command (the default)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="discard an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def config_from_args(args) -> fmt.QuantConfig:
+    dynamic: dict[str, dict[str, Any]] = {f"-:{regex}": {} for regex in args.skip}
+    dynamic.update(parse_rule(r) for r in args.rule)
+    return fmt.QuantConfig(bits=args.bits, group_size=args.group_size, desc_act=args.act_order,
+                           static_groups=args.static_groups, sym=not args.asym,
+                           damp_percent=args.damp_percent, true_sequential=args.true_sequential,
+                           checkpoint_format=args.checkpoint_format, lm_head=args.lm_head, dynamic=dynamic)
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    calib = Calibration(tuple(args.calib), args.nsamples, args.seqlen, args.seed)
+    path, rep = quantize_model(args.model, args.out, cfg, calib, method=args.method, resume=args.resume,
+                               overwrite=args.overwrite, batch_size=args.batch_size, threads=args.threads,
+                               progress=args.progress)
+    print(rpt.table(rep["layers"]))
+    print(rpt.summary(rep))
+    print(f"checkpoint written to {path} (report: {path / rpt.REPORT_FILE})")
+    return 0

@@ -1,0 +1,121 @@
+"""The quantization report: one row per quantized layer (damping used, Hessian hints, GPTQ loss,
+output SQNR, time), printed as a table and saved as quant_report.json inside the checkpoint, plus a
+sensitivity ranking that says which layers deserve more bits."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+from typing import Any
+
+import torch
+
+REPORT_FILE = "quant_report.json"
+SENSITIVE_SQNR_DB = 15.0  # below this a layer's output error is ~3% of its signal: worth 8 bits
+TOP_SENSITIVE = 5
+ILL_CONDITIONED = 1e7  # cond(H + damp) beyond this: fp32 solves lose most digits
+
+
+def output_sqnr_db(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor | None) -> float:
+    """SQNR of Q·x against W·x over the calibration inputs, from H ∝ Σ x xᵀ alone (no forward pass):
+    ‖WX‖² = tr(W H Wᵀ), ‖(W−Q)X‖² = tr(E H Eᵀ). With H None: the weights' own SQNR (RTN, no data)."""
+    W, Q = W.double(), Q.double()
+    E = W - Q
+    if H is None:
+        signal, noise = (W * W).sum(), (E * E).sum()
+    else:
+        H = H.double()
+        signal, noise = ((W @ H) * W).sum(), ((E @ H) * E).sum()
+    if noise <= 0:
+        return math.inf
+    return float(10 * math.log10(max(float(signal), 1e-300) / float(noise)))
+
+
+def hints(stats: dict[str, Any]) -> list[str]:
+    """What a GPTQ layer's stats say about its Hessian, in words (empty when all is well)."""
+    out = []
+    if stats.get("fallback"):
+        out.append(f"H not positive definite: fell back to {stats['fallback']}")
+    if stats.get("damp_escalations"):
+        out.append(f"damping raised {stats['damp_escalations']}x to {stats['damp_percent']:g}")
+    if stats.get("dead_columns"):
+        out.append(f"{stats['dead_columns']} dead input columns")
+    cond = stats.get("hessian_cond_est")
+    if cond is not None and math.isfinite(cond) and cond > ILL_CONDITIONED:
+        out.append(f"ill-conditioned H (cond >= {cond:.1e})")
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sensitivity(rows: list[dict[str, Any]], top: int = TOP_SENSITIVE) -> list[dict[str, Any]]:
+    """The layers with the lowest output SQNR, each with the --rule that would give it 8 bits."""
+    ranked = sorted((r for r in rows if r.get("sqnr_db") is not None and r["bits"] < 8),
+                    key=lambda r: r["sqnr_db"])
+    return [{"name": r["name"], "sqnr_db": r["sqnr_db"], "bits": r["bits"],
+             "rule": f"{_regex(r['name'])}=bits:8"} for r in ranked[:top]]
+
+
+def _regex(name: str) -> str:
+    return name.replace(".", r"\.") + "$"
+
+
+COLUMNS = (  # (header, key, width, number format); text columns are left-aligned
+    ("layer", "name", -40, ""), ("bits", "bits", 4, "d"), ("group", "group_size", 5, "d"),
+    ("damp", "damp", 8, ".2g"), ("esc", "escalations", 3, "d"), ("loss", "loss", 10, ".4g"),
+    ("sqnr dB", "sqnr_db", 7, ".2f"), ("sec", "seconds", 6, ".2f"), ("hints", "hints", 0, ""),
+)
+
+
+def _cell(v: Any, width: int, spec: str) -> str:
+    if isinstance(v, (list, tuple)):
+        v = "; ".join(map(str, v))
+    if v is None:
+        text = "-"
+    elif isinstance(v, float) and math.isinf(v):
+        text = "inf"
+    elif spec and isinstance(v, (int, float)) and not isinstance(v, bool):
+        text = format(float(v) if "d" not in spec else int(v), spec)
+    else:
+        text = str(v)
+    return text.ljust(-width) if width < 0 else text.rjust(width)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [" ".join(_cell(h, w, "") for h, _, w, _ in COLUMNS).rstrip()]
+    lines += [" ".join(_cell(r.get(k), w, spec) for _, k, w, spec in COLUMNS).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def summary(report: dict[str, Any]) -> str:
+    rows = report["layers"]
+    finite = [r["sqnr_db"] for r in rows if r.get("sqnr_db") is not None and math.isfinite(r["sqnr_db"])]
+    bits = sorted({r["bits"] for r in rows})
+    lines = [f"{report['method']}: {len(rows)} layers quantized at bits {bits} in "
+             f"{report['wall_seconds']:.1f} s ({report['threads']} threads), peak RSS "
+             f"{report['peak_rss_mb']:.0f} MiB"]
+    if finite:
+        lines.append(f"output SQNR: min {min(finite):.1f} dB, mean {sum(finite) / len(finite):.1f} dB")
+    escalated = [r["name"] for r in rows if r.get("escalations")]
+    if escalated:
+        lines.append(f"damping escalated on {len(escalated)} layers: {', '.join(escalated[:5])}")
+    weak = [s for s in report.get("sensitivity", []) if s["sqnr_db"] < SENSITIVE_SQNR_DB]
+    if weak:
+        lines.append("most sensitive layers (consider 8 bits): " +
+                     " ".join(f"--rule '{s['rule']}'" for s in weak))
+    return "\n".join(lines)
+
+
+def to_json(report: dict[str, Any]) -> str:
+    def clean(v):  # JSON has no inf/nan
+        if isinstance(v, float) and not math.isfinite(v):
+            return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(report), indent=2)

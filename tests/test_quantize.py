@@ -1,0 +1,185 @@
+"""The whole-model driver: checkpoints that validate and run, GPTQ beating RTN, mixed precision,
+the report, the CLI, and one clear error per bad input."""
+import errno
+import json
+import math
+
+import pytest
+import torch
+
+from vllm_gptq_plugin import cli, format as fmt
+from vllm_gptq_plugin.offline_quant import api, data, quantize as qz, report as rpt
+
+pytest.importorskip("vllm_gptq_plugin.offline_quant.gptq")
+CALIB = dict(nsamples=8, seqlen=64, progress=False, threads=1)
+
+
+def _calib_loss(model, ids) -> float:
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def _kl_to_fp(model, fp, ids) -> float:
+    """Mean KL(fp || quantized) of next-token distributions: a random model's LM loss says nothing
+    (noise can lower it), but how far the quantized model moved from the fp one does."""
+    with torch.no_grad():
+        p = torch.log_softmax(fp(input_ids=ids).logits.float(), -1)
+        q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    return float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean())
+
+
+def _calib_ids(model_dir, nsamples=8, seqlen=64):
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return data.calibration_samples(tok, list(qz.DEFAULT_CALIB), nsamples, seqlen, 0)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2"])
+def test_gptq_checkpoint_validates_runs_and_reports(arch, request, tmp_path):
+    model_dir = request.getfixturevalue(arch)
+    cfg = api.QuantConfig(bits=4, group_size=64, desc_act=True, sym=False)
+    path = api.quantize(model_dir, tmp_path / "q", cfg, **CALIB)
+    summary = fmt.validate(path)
+    assert len(summary["layers"]) == 14 and all(l["bits"] == 4 for l in summary["layers"].values())
+    assert not (tmp_path / "q.partial").exists(), "the resume state must be removed on success"
+    ids = _calib_ids(model_dir)
+    assert math.isfinite(_calib_loss(api.load(path), ids))
+    rep = json.loads((path / rpt.REPORT_FILE).read_text())
+    assert [r["name"] for r in rep["layers"]] == sorted(summary["layers"], key=lambda n: (
+        int(n.split(".")[2]), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                               "down_proj"].index(n.rsplit(".", 1)[1])))  # true-sequential order
+    for r in rep["layers"]:
+        assert r["damp"] > 0 and r["loss"] >= 0 and r["seconds"] >= 0
+        assert 5 < r["sqnr_db"] < 60, r  # 4-bit: ~20 dB
+    assert rep["peak_rss_mb"] > 0 and rep["calibration"]["nsamples"] == 8
+    assert len(rep["sensitivity"]) == rpt.TOP_SENSITIVE
+    assert rep["sensitivity"][0]["sqnr_db"] == min(r["sqnr_db"] for r in rep["layers"])
+
+
+def test_true_sequential_groups_follow_the_block(tiny_qwen2):
+    model, _ = qz.load_causal_lm(tiny_qwen2)
+    prefix, blocks = qz.decoder_blocks(model)
+    ids = torch.randint(0, 1000, (2, 16))
+    hidden, kwargs = qz.capture_block_inputs(model, blocks, ids, qz.batch_slices(2, 2))
+    assert prefix == "model.layers" and hidden.shape == (2, 16, 128)
+    names = [n for n, m in blocks[1].named_modules() if isinstance(m, torch.nn.Linear)]
+    groups = qz.sequential_groups(blocks[1], names, hidden, kwargs[0][1], true_sequential=True)
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert qz.sequential_groups(blocks[1], names, hidden, kwargs[0][1], False) == [sum(groups, [])]
+    # The captured inputs are what the real model feeds block 0: the recorder changed nothing.
+    with torch.no_grad():
+        out = model.model(input_ids=ids, output_hidden_states=True).hidden_states[0]
+    torch.testing.assert_close(hidden, out, rtol=0, atol=0)
+
+
+def test_gptq_stays_closer_to_fp_than_rtn_on_calibration_text(tiny_llama, tmp_path):
+    cfg = api.QuantConfig(bits=3, group_size=64)
+    gptq = api.quantize(tiny_llama, tmp_path / "gptq", cfg, **CALIB)
+    rtn = api.quantize(tiny_llama, tmp_path / "rtn", cfg, method="rtn", progress=False)
+    ids = _calib_ids(tiny_llama)
+    fp = api.load(tiny_llama)
+    kl_gptq, kl_rtn = _kl_to_fp(api.load(gptq), fp, ids), _kl_to_fp(api.load(rtn), fp, ids)
+    assert 0 < kl_gptq < 0.7 * kl_rtn, (kl_gptq, kl_rtn)
+
+
+def test_rules_and_skips_give_mixed_precision(tiny_llama, tmp_path):
+    out = tmp_path / "mixed"
+    rc = cli.main(["quantize", "--model", str(tiny_llama), "--out", str(out), "--bits", "4",
+                   "--group-size", "64", "--rule", r".*\.down_proj$=bits:8,group_size:128",
+                   "--skip", r"model\.layers\.0\.self_attn\.o_proj", "--nsamples", "8", "--seqlen", "64",
+                   "--threads", "1", "--no-progress"])
+    assert rc == 0
+    summary = fmt.validate(out)
+    layers = summary["layers"]
+    assert "model.layers.0.self_attn.o_proj" not in layers and "model.layers.1.self_attn.o_proj" in layers
+    assert {n: (l["bits"], l["group_size"]) for n, l in layers.items() if "down_proj" in n} == {
+        "model.layers.0.mlp.down_proj": (8, 128), "model.layers.1.mlp.down_proj": (8, 128)}
+    assert layers["model.layers.1.mlp.up_proj"]["bits"] == 4
+    stored = json.loads((out / fmt.CONFIG_FILE).read_text())["dynamic"]
+    assert stored == {r"-:model\.layers\.0\.self_attn\.o_proj": {},
+                      r"+:.*\.down_proj$": {"bits": 8, "group_size": 128}}
+    assert "model.layers.0.self_attn.o_proj.weight" in fmt.read_tensors(out)
+    rows = json.loads((out / rpt.REPORT_FILE).read_text())["layers"]
+    assert {r["bits"] for r in rows} == {4, 8}
+    assert min(r["sqnr_db"] for r in rows if r["bits"] == 8) > max(r["sqnr_db"] for r in rows if r["bits"] == 4)
+
+
+def test_cli_rtn_prints_table_and_summary(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "rtn"
+    assert cli.main(["quantize", "--model", str(tiny_llama), "--out", str(out), "--method", "rtn",
+                     "--format", "gptq_v2", "--asym", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in printed and "rtn: 14 layers quantized" in printed
+    assert fmt.validate(out)["config"].checkpoint_format == "gptq_v2"
+
+
+def test_lm_head_opt_in_unties_and_quantizes(tiny_llama, tmp_path):
+    cfg = api.QuantConfig(bits=8, group_size=128, lm_head=True)
+    path = api.quantize(tiny_llama, tmp_path / "lm", cfg, **CALIB)
+    assert "lm_head" in fmt.validate(path)["layers"]
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is False
+    model = api.load(path)
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    fp = api.load(tiny_llama)
+    torch.testing.assert_close(model.get_input_embeddings().weight, fp.get_input_embeddings().weight)
+    assert not torch.equal(model.lm_head.weight, fp.lm_head.weight)
+
+
+# --- bad input: one clear error each, nothing left that looks like a checkpoint -------------------
+
+def _quantize_error(tmp_path, model_dir, *extra) -> None:
+    out = tmp_path / "bad-out"
+    rc = cli.main(["quantize", "--model", str(model_dir), "--out", str(out), "--nsamples", "4",
+                   "--seqlen", "32", "--no-progress", *extra])
+    assert rc == 2
+    assert not out.exists() and not (tmp_path / "bad-out.partial").exists()
+
+
+def test_refuses_a_folder_that_is_not_a_causal_lm(tmp_path, capsys):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert",
+                                                                 "architectures": ["BertForMaskedLM"]}))
+    _quantize_error(tmp_path, tmp_path / "bert")
+    assert "not a causal language model" in capsys.readouterr().err
+    _quantize_error(tmp_path, tmp_path)
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_refuses_calibration_text_shorter_than_one_sample(tiny_llama, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words\n")
+    _quantize_error(tmp_path, tiny_llama, "--calib", str(short))
+    assert "fewer than one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [(["--bits", "5"], "bits=5 is not supported"),
+                                           (["--group-size", "48"], "group_size=48 is not supported"),
+                                           (["--rule", "down_proj=bits"], "is not key:value")])
+def test_refuses_settings_the_format_cannot_hold(tiny_llama, tmp_path, capsys, flags, message):
+    _quantize_error(tmp_path, tiny_llama, *flags)
+    assert message in capsys.readouterr().err
+
+
+def test_refuses_an_existing_output_unless_overwrite(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    argv = ["quantize", "--model", str(tiny_llama), "--out", str(out), "--method", "rtn", "--no-progress"]
+    assert cli.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert cli.main(argv + ["--overwrite"]) == 0 and fmt.validate(out)
+
+
+def test_full_disk_leaves_no_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    out = tmp_path / "full"
+    with pytest.raises(fmt.FormatError, match="disk full"):
+        api.quantize(tiny_llama, out, api.QuantConfig(), **CALIB)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".full.tmp")]
+    with pytest.raises(fmt.FormatError, match="disk full"):  # the final write, for RTN (no resume state)
+        api.quantize(tiny_llama, out, api.QuantConfig(), method="rtn", progress=False)
+    assert not out.exists()
