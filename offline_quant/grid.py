@@ -9,9 +9,13 @@ from __future__ import annotations
 import torch
 
 
-def find_params(W: torch.Tensor, bits: int, sym: bool, zero_min: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scale and zero for each row of W [rows, cols] -> (scale [rows], zero [rows]) in fp32.
+def find_params(W: torch.Tensor, bits: int, sym: bool, zero_min: int = 0, *, mse: bool = False,
+                norm: float = 2.4, grid: int = 100, maxshrink: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each row of W [rows, cols] -> (scale [rows], zero [rows]) in fp32.
 
+    Min-max by default. mse=True is the GPTQ repo's Quantizer(mse=True) search: shrink the min-max range
+    by p = 1 - i/grid for i = 0..maxshrink*grid and keep, per row, the p whose grid gives the lowest
+    sum |w - w'|^norm (clipping a few outliers buys a finer step for all the other weights).
     zero_min=1 keeps asymmetric zero points storable in the v1 format (which stores zero - 1).
     """
     maxq = 2 ** bits - 1
@@ -24,6 +28,23 @@ def find_params(W: torch.Tensor, bits: int, sym: bool, zero_min: int = 0) -> tup
     dead = (xmin == 0) & (xmax == 0)  # all-zero rows: any positive scale represents them exactly
     xmin = torch.where(dead, -1.0, xmin)
     xmax = torch.where(dead, 1.0, xmax)
+    scale, zero = _range_to_grid(xmin, xmax, maxq, sym, zero_min)
+    if mse:
+        best = _clip_error(W, scale, zero, maxq, norm)
+        for i in range(1, int(round(maxshrink * grid)) + 1):
+            p = 1 - i / grid
+            scale1, zero1 = _range_to_grid(p * xmin, p * xmax, maxq, sym, zero_min)
+            err = _clip_error(W, scale1, zero1, maxq, norm)
+            better = err < best  # strict: ties keep the wider range, so results do not depend on grid
+            best = torch.where(better, err, best)
+            scale = torch.where(better, scale1, scale)
+            zero = torch.where(better, zero1, zero)
+    return scale, zero
+
+
+def _range_to_grid(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool,
+                   zero_min: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of the grid spanning [xmin, xmax] (xmin <= 0 <= xmax, not both 0) per row."""
     if sym:
         # Levels run from -2^(b-1) to 2^(b-1)-1 in units of scale; the range is set by |w|max.
         scale = fp16_ceil(2 * xmax / maxq)
@@ -37,6 +58,14 @@ def find_params(W: torch.Tensor, bits: int, sym: bool, zero_min: int = 0) -> tup
             scale = torch.where(low, fp16_ceil(xmax / (maxq - zero_min)), scale)
             zero = zero.clamp(min=zero_min)
     return scale, zero
+
+
+def _clip_error(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                norm: float) -> torch.Tensor:
+    """sum over each row of |W - dequantize(quantize(W))|^norm -> [rows]."""
+    err = torch.div(W, scale[:, None]).round_().add_(zero[:, None]).clamp_(0, maxq)
+    err.sub_(zero[:, None]).mul_(scale[:, None]).sub_(W).abs_().pow_(norm)
+    return err.sum(dim=1)
 
 
 def fp16_ceil(scale: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,235 @@
+"""GPTQ (Frantar et al. 2022, arXiv:2210.17323) for one nn.Linear, after the paper's reference gptq.py.
+
+    gptq = GPTQ(layer, name="model.layers.0.mlp.down_proj")
+    for x in calibration_inputs:  # inputs of `layer`, [..., K]
+        gptq.add_batch(x)
+    result = gptq.fasterquant(cfg)  # GPTQResult: q, zeros, scales, g_idx, Q, stats
+    gptq.free()
+
+Shapes: W [N, K] = [rows, columns] (nn.Linear: out x in), H [K, K], G groups of `group_size` columns.
+Grid (offline_quant/grid.py, docs/FORMAT.md): Q = scale * (q - zero), per output row and group.
+
+The solve is the paper's Algorithm 1 (lazy batches of `blocksize` columns, per-column quantization with
+error feedback through the upper Cholesky factor of H^-1, called Hinv as in the paper) with two changes
+that do not change the result, only its cost:
+
+- Hinv is never formed. If H = V V^T with V upper triangular (the Cholesky factor of H with rows and
+  columns reversed), then H^-1 = U^T U with U = V^-1: U is the paper's Cholesky(H^-1)^T. One Cholesky
+  replaces the reference's Cholesky, cholesky_inverse and second Cholesky (1/4 of the flops, and no
+  explicit inverse to lose precision in fp32). Only U's diagonal blocks are needed (Hinv1, 128x128).
+- The lazy-batch update is left-looking. The paper's errors satisfy W - Q = Err U, so the update a block
+  receives from all earlier columns, -Err[:, :i1] @ Hinv[:i1, i1:i2], equals
+  (W - Q)[:, :i1] @ V[:i1, i1:i2] @ Hinv1. One GEMM with a long inner dimension per block instead of a
+  rank-128 update of every later column.
+
+The per-column loop runs on a transposed block ([count, N], each column contiguous) with one thread:
+its ops are small, and on a busy 2-core machine thread synchronisation costs more than they do.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+
+import torch
+
+from vllm_gptq_plugin import format as fmt
+from vllm_gptq_plugin.offline_quant import grid
+
+log = logging.getLogger(__name__)
+
+DAMP_STEP = 10.0  # on a failed Cholesky, damp_percent is multiplied by this ...
+DAMP_CAP = 1.0    # ... while it stays <= DAMP_CAP; after that the layer falls back to RTN
+
+
+class NonFiniteActivations(ValueError):
+    """NaN or Inf in a layer's calibration inputs (or a Hessian that overflowed fp32)."""
+
+
+@dataclasses.dataclass
+class GPTQResult:
+    q: torch.Tensor       # [N, K] int32 levels, original column order
+    zeros: torch.Tensor   # [G, N] int32 real zero points (>= 1 for v1 asymmetric)
+    scales: torch.Tensor  # [G, N] fp32, each fp16-representable
+    g_idx: torch.Tensor   # [K] int32 group of each input column
+    Q: torch.Tensor       # [N, K] fp32 == (q - zeros[g_idx].T) * scales[g_idx].T, what the format dequantizes to
+    stats: dict
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class GPTQ:
+    def __init__(self, layer: torch.nn.Linear, name: str | None = None):
+        self.layer = layer
+        self.name = name
+        self.rows, self.columns = layer.weight.shape
+        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=layer.weight.device)
+        self.nsamples = 0  # tokens seen
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """H = 2/n sum over all n tokens so far of x x^T, updated with one in-place GEMM per batch."""
+        inp = inp.detach().reshape(-1, inp.shape[-1])
+        if not bool(torch.isfinite(inp).all()):
+            bad = "NaN" if bool(torch.isnan(inp).any()) else "Inf"
+            where = f"layer {self.name}" if self.name else "this layer"
+            raise NonFiniteActivations(
+                f"{bad} in the calibration activations entering {where}: the fp model already produces "
+                "non-finite values on this calibration text (check the model's dtype, e.g. fp16 overflow, "
+                "and the calibration samples)")
+        tmp = inp.shape[0]
+        if tmp == 0:
+            return
+        inp = inp.to(device=self.H.device, dtype=torch.float32)
+        # A running mean (rescale, then add) keeps H at the scale of one token's x x^T, so fp32 never
+        # accumulates a huge sum; beta and alpha fold the rescaling into the GEMM itself.
+        self.H.addmm_(inp.t(), inp, beta=self.nsamples / (self.nsamples + tmp), alpha=2 / (self.nsamples + tmp))
+        self.nsamples += tmp
+
+    def fasterquant(self, cfg: fmt.QuantConfig, blocksize: int = 128, mse: bool | None = None) -> GPTQResult:
+        """Quantize the layer's weight with GPTQ against H. Does not modify the layer.
+
+        mse: MSE-optimal clipping of every group's grid (grid.find_params(mse=True)); None reads
+        cfg.meta["mse"] (default False). cfg.meta "mse_maxshrink" / "mse_norm" / "mse_grid" tune it.
+        """
+        tick = time.perf_counter()
+        W = self.layer.weight.detach().to(torch.float32, copy=True)
+        H = self.H
+        N, K = W.shape
+        gs = K if cfg.group_size == -1 else cfg.group_size
+        assert K % gs == 0, f"group_size {gs} must divide in_features {K}"
+        if not bool(torch.isfinite(H.diagonal()).all()):
+            raise NonFiniteActivations(f"the Hessian of layer {self.name or '?'} overflowed fp32: its "
+                                       "calibration activations are too large")
+        if gs < K:  # group parameters are taken from the block, so a group must not straddle blocks
+            blocksize = max(blocksize // gs, 1) * gs
+        mse = bool(cfg.meta.get("mse", False)) if mse is None else mse
+        find_params = lambda Wg: grid.find_params(  # noqa: E731  Wg [N, cols] -> (scale [N], zero [N])
+            Wg, cfg.bits, cfg.sym, 1 if cfg.checkpoint_format == "gptq" and not cfg.sym else 0, mse=mse,
+            norm=cfg.meta.get("mse_norm", 2.4), grid=cfg.meta.get("mse_grid", 100),
+            maxshrink=cfg.meta.get("mse_maxshrink", 0.2))
+        diag = H.diagonal()
+        stats = {"nsamples": self.nsamples, "hessian_diag_min": float(diag.min()),
+                 "hessian_diag_max": float(diag.max()), "hessian_diag_mean": float(diag.mean()), "mse": mse}
+
+        dead = diag == 0  # inputs that were always 0: nothing to fit, so quantize them to exactly 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        stats["dead_columns"] = int(dead.sum())
+
+        # Grids of the original column groups, fixed before any update. One group per row (group_size
+        # -1) is always fixed up front, as in the reference: it starts before any error feedback anyway.
+        static_groups = cfg.static_groups or gs == K
+        if static_groups:
+            static = [find_params(W[:, g0:g0 + gs]) for g0 in range(0, K, gs)]
+
+        perm = torch.arange(K, device=W.device)
+        if cfg.desc_act:  # quantize the columns with the largest input energy first
+            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+            W = W[:, perm]
+            H = H[perm][:, perm]
+        # group of each column in quantization order
+        gperm = perm // gs if static_groups else torch.arange(K, device=W.device) // gs
+
+        V, percdamp, escalations = _reverse_cholesky(H, cfg.damp_percent)
+        stats.update(damp_percent=percdamp, damp_escalations=escalations, fallback=None)
+        if V is None:
+            log.warning("GPTQ: Hessian of layer %s is not positive definite even with damp_percent %g: "
+                        "falling back to RTN for this layer", self.name or "?", DAMP_CAP)
+            return self._rtn(cfg, stats, tick)
+        del H
+        Vd = V.diagonal()
+        stats["hessian_cond_est"] = float((Vd.max() / Vd.min()) ** 2)  # a lower bound on cond(H + damp)
+
+        q = torch.empty(N, K, dtype=torch.int32, device=W.device)
+        scales = torch.empty(K // gs, N, device=W.device)
+        zeros = torch.empty(K // gs, N, device=W.device)
+        if static_groups:
+            scales[:], zeros[:] = torch.stack([s for s, _ in static]), torch.stack([z for _, z in static])
+        maxq = 2 ** cfg.bits - 1
+        loss = 0.0
+        for i1 in range(0, K, blocksize):
+            i2 = min(i1 + blocksize, K)
+            count = i2 - i1
+            eye = torch.eye(count, device=W.device)
+            Hinv1 = torch.linalg.solve_triangular(V[i1:i2, i1:i2], eye, upper=True)
+            # W[:, :i1] holds W - Q of the quantized columns (see the module docstring).
+            W1 = (W[:, i1:i2] + (W[:, :i1] @ V[:i1, i1:i2]) @ Hinv1).t().contiguous()  # [count, N]
+            Q1 = torch.empty_like(W1)    # levels q, as floats
+            Qd1 = torch.empty_like(W1)   # dequantized: scale * (q - zero)
+            Err1 = torch.empty_like(W1)
+            d = Hinv1.diagonal().tolist()
+            with _threads(1):
+                if static_groups:
+                    S1, Z1 = scales[gperm[i1:i2]], zeros[gperm[i1:i2]]  # [count, N]
+                for i in range(count):
+                    if not static_groups and (i1 + i) % gs == 0:
+                        # grid of the group starting here, from the weights updated so far
+                        scale, zero = find_params(W1[i:i + gs].t())
+                        scales[(i1 + i) // gs], zeros[(i1 + i) // gs] = scale, zero
+                    elif static_groups:
+                        scale, zero = S1[i], Z1[i]
+                    w = W1[i]
+                    torch.div(w, scale, out=Q1[i]).round_().add_(zero).clamp_(0, maxq)
+                    torch.sub(Q1[i], zero, out=Qd1[i]).mul_(scale)
+                    err1 = torch.sub(w, Qd1[i], out=Err1[i]).div_(d[i])
+                    W1[i + 1:].addr_(Hinv1[i, i + 1:], err1, alpha=-1)
+            loss += float(Err1.square().sum()) / 2  # sum of the paper's Losses = (w - q)^2 / Hinv_ii^2 / 2
+            q[:, i1:i2] = Q1.t().to(torch.int32)
+            W[:, i1:i2] -= Qd1.t()
+        del W, V
+
+        invperm = torch.argsort(perm)
+        q = q[:, invperm].contiguous()
+        g_idx = gperm[invperm].to(torch.int32)
+        zeros = zeros.to(torch.int32)
+        stats.update(loss=loss, seconds=time.perf_counter() - tick)
+        return GPTQResult(q, zeros, scales, g_idx, _dequantize(q, zeros, scales, g_idx), stats)
+
+    def _rtn(self, cfg: fmt.QuantConfig, stats: dict, tick: float) -> GPTQResult:
+        from vllm_gptq_plugin.offline_quant import rtn
+        q, zeros, scales, g_idx = rtn.quantize_weight(self.layer.weight.detach(), cfg)
+        stats.update(fallback="rtn", loss=math.nan, hessian_cond_est=math.inf,
+                     seconds=time.perf_counter() - tick)
+        return GPTQResult(q, zeros, scales, g_idx, _dequantize(q, zeros, scales, g_idx), stats)
+
+    def free(self) -> None:
+        self.H = None
+
+
+def _reverse_cholesky(H: torch.Tensor, percdamp: float):
+    """Upper V with H + damp*I = V V^T, damp = percdamp * mean(diag H), raising percdamp on failure.
+
+    Returns (V or None, percdamp used, number of escalations). H is not modified.
+    """
+    mean_diag = float(H.diagonal().mean())
+    escalations = 0
+    while True:
+        # The Cholesky factor of H with rows and columns reversed, reversed back, is upper triangular.
+        Hflip = H.flip(0, 1)
+        Hflip.diagonal().add_(percdamp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hflip)
+        del Hflip
+        if int(info) == 0 and math.isfinite(mean_diag) and mean_diag > 0:
+            return L.flip(0, 1), percdamp, escalations
+        del L
+        if percdamp * DAMP_STEP > DAMP_CAP * (1 + 1e-9):
+            return None, percdamp, escalations
+        log.info("GPTQ: Cholesky failed at damp_percent %g, retrying with %g", percdamp, percdamp * DAMP_STEP)
+        percdamp *= DAMP_STEP
+        escalations += 1
+
+
+def _dequantize(q, zeros, scales, g_idx) -> torch.Tensor:
+    """Q [N, K] exactly as format.dequantize computes it from the packed tensors."""
+    g = g_idx.long()
+    return (q.float() - zeros[g].t().float()) * scales[g].t()
