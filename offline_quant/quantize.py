@@ -301,7 +301,7 @@ class WorkState:
 
     def __init__(self, out: Path, key: dict[str, Any]):
         self.dir = out.with_name(out.name + ".partial")
-        self.key = key
+        self.key = json.loads(json.dumps(key))  # as state.json will hold it (tuples become lists)
         self.digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def _write(self, fname: str, writer: Callable[[Path], None]) -> None:

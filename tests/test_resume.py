@@ -1,0 +1,108 @@
+"""Resume: a run that dies after a finished block (injected exception, or a real SIGKILL) and is rerun
+with the same arguments writes a byte-identical model.safetensors; other settings refuse to resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vllm_gptq_plugin import format as fmt
+from vllm_gptq_plugin.offline_quant import api, quantize as qz
+
+pytest.importorskip("vllm_gptq_plugin.offline_quant.gptq")
+CFG = dict(bits=4, group_size=64, desc_act=True, sym=False)
+RUN = dict(nsamples=8, seqlen=64, seed=3, threads=1, progress=False)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, tmp_path_factory):
+    """An uninterrupted run: what every resumed run must reproduce bit for bit."""
+    return api.quantize(tiny_llama, tmp_path_factory.mktemp("ref") / "q", api.QuantConfig(**CFG), **RUN)
+
+
+def _weights(path) -> bytes:
+    return (path / fmt.WEIGHTS_FILE).read_bytes()
+
+
+def _crash_after_first_block(monkeypatch):
+    save = qz.WorkState.save
+
+    def save_then_crash(self, done, *args):
+        save(self, done, *args)
+        if done == 1:
+            raise Crash
+    monkeypatch.setattr(qz.WorkState, "save", save_then_crash)
+
+
+def test_rerun_is_deterministic(tiny_llama, reference, tmp_path):
+    again = api.quantize(tiny_llama, tmp_path / "q", api.QuantConfig(**CFG), **RUN)
+    assert _weights(again) == _weights(reference)
+
+
+def test_resume_after_a_crash_is_bit_identical(tiny_llama, reference, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    with monkeypatch.context() as m:
+        _crash_after_first_block(m)
+        with pytest.raises(Crash):
+            api.quantize(tiny_llama, out, api.QuantConfig(**CFG), **RUN)
+    assert not out.exists()
+    state = json.loads((tmp_path / "q.partial" / "state.json").read_text())
+    assert state["done"] == 1 and len(state["rows"]) == 7
+
+    resumed_blocks = []
+    run_block = qz.run_block
+    monkeypatch.setattr(qz, "run_block", lambda block, *a: (resumed_blocks.append(block), run_block(block, *a)))
+    path = api.quantize(tiny_llama, out, api.QuantConfig(**CFG), **RUN)
+    assert len(resumed_blocks) == 1, "block 0 must not be quantized again"
+    assert _weights(path) == _weights(reference)
+    assert not (tmp_path / "q.partial").exists()
+    rows = json.loads((path / "quant_report.json").read_text())["layers"]
+    assert [r["block"] for r in rows] == [0] * 7 + [1] * 7
+
+
+def test_changed_settings_refuse_to_resume(tiny_llama, reference, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    with monkeypatch.context() as m:
+        _crash_after_first_block(m)
+        with pytest.raises(Crash):
+            api.quantize(tiny_llama, out, api.QuantConfig(**CFG), **RUN)
+    with pytest.raises(fmt.FormatError, match=r"different settings \(calibration, calibration_tokens differ\).*"
+                                              r"--no-resume"):
+        api.quantize(tiny_llama, out, api.QuantConfig(**CFG), **{**RUN, "seed": 4})
+    with pytest.raises(fmt.FormatError, match=r"\(config differ\)"):
+        api.quantize(tiny_llama, out, api.QuantConfig(**{**CFG, "bits": 3}), **RUN)
+    # resume=False discards the old state and starts over (same result as a fresh run)
+    path = api.quantize(tiny_llama, out, api.QuantConfig(**CFG), **RUN, resume=False)
+    assert _weights(path) == _weights(reference)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from vllm_gptq_plugin.offline_quant import api, quantize as qz
+    save = qz.WorkState.save
+    def save_then_die(self, done, *args):
+        save(self, done, *args)
+        if done == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handlers: a real kill -9
+    qz.WorkState.save = save_then_die
+    api.quantize(sys.argv[1], sys.argv[2], api.QuantConfig(**{cfg}), **{run})
+""")
+
+
+def test_resume_after_kill_9_is_bit_identical(tiny_llama, reference, tmp_path):
+    out = tmp_path / "q"
+    script = KILLER.format(cfg=CFG, run=RUN)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_llama), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not out.exists() and (tmp_path / "q.partial" / "state.json").exists()
+    path = api.quantize(tiny_llama, out, api.QuantConfig(**CFG), **RUN)
+    assert _weights(path) == _weights(reference)
