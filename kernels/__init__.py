@@ -86,8 +86,7 @@ def gptq_gemm(x: torch.Tensor, w: PreparedWeights, bias: torch.Tensor | None = N
     if w.backend == "int4pack" and x2.shape[0] <= INT4PACK_MAX_M:
         y = cpu.int4pack_gemm(x2.contiguous(), impl)
     else:
-        wt = cpu.int4pack_dequant_t(impl) if w.backend == "int4pack" else cpu.dequant_t(impl)
-        y = x2 @ wt
+        y = cpu.dequant_gemm(x2, impl)
     if bias is not None:
         y += bias.to(y.dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.out_features)

@@ -1,5 +1,8 @@
 """CPU dequant-GEMM paths: torch's int4pack kernel for small M, tile dequant + dense GEMM for large M.
 
+Large M (and every M of the dequant layout): W^T is dequantized in column tiles of ~WT_TILE_BYTES by
+the compiled kernel of cpu_ext (torch ops when it cannot be built), each tile feeding one dense GEMM.
+
 int4pack (bits 2, 3 and 4: 2- and 3-bit values fit a 4-bit container, at 4-bit memory):
     packed             uint8 [N, K/2]       torch._convert_weight_to_int4pack_for_cpu's layout: blocks of
                                             64 output channels; byte (k * 32 + c) of block b holds q of
@@ -15,7 +18,7 @@ dequant (8-bit, and layers int4pack cannot take: N % 64 != 0, or groups that do 
     zeros   T [G, N], scales T [G, N], g_idx int64 [K] (permuted)
 
 T is the dtype given to prepare; activations of another dtype are cast to T for the GEMM and back.
-No dense copy of W is kept: the large-M path dequantizes per call into a transient buffer.
+No dense copy of W is kept: dequantized tiles live for one GEMM.
 """
 from __future__ import annotations
 
@@ -25,8 +28,11 @@ import torch
 
 from vllm_gptq_plugin import format as fmt
 
+from . import cpu_ext
+
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
 INT4PACK_BLOCK_N = 64
+WT_TILE_BYTES = 2 << 20  # a W^T column tile per GEMM: fits L2/L3 next to its GEMM's operands
 
 
 @dataclasses.dataclass
@@ -107,17 +113,41 @@ def int4pack_gemm(x2: torch.Tensor, w: Int4PackWeights) -> torch.Tensor:
     return torch._weight_int4pack_mm_for_cpu(x2, w.packed, w.group_size, w.scales_and_zeros)
 
 
-def int4pack_dequant_t(w: Int4PackWeights) -> torch.Tensor:
-    """The transient W^T [K, N] in T (permuted K order), read straight from int4pack's layout."""
+def _scale_offset(w: Int4PackWeights | DequantWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [G, N] scale and offset with W = q * scale + offset (tiny: one row per group)."""
+    if isinstance(w, Int4PackWeights):
+        s, zf = w.scales_and_zeros.float().unbind(-1)
+        return s.contiguous(), (zf - 8 * s).contiguous()
+    s = w.scales.float()
+    return s, (-w.zeros.float() * s).contiguous()
+
+
+def dequant_t(w: Int4PackWeights | DequantWeights, n0: int, n1: int, scale_offset=None) -> torch.Tensor:
+    """The transient W^T [K, n1 - n0] in T (permuted K order) for output channels [n0, n1)."""
+    s, off = scale_offset or _scale_offset(w)
+    ext = cpu_ext.load()
+    if isinstance(w, Int4PackWeights):
+        if ext is not None:
+            return ext.dequant_int4pack(w.packed, s, off, w.group_size, n0, n1, w.dtype)
+        k = w.in_features
+        blocks = w.packed.view(-1, k, 32)[n0 // INT4PACK_BLOCK_N: n1 // INT4PACK_BLOCK_N]
+        q = torch.stack([blocks & 15, blocks >> 4], dim=2).permute(1, 0, 2, 3).reshape(k // w.group_size,
+                                                                                      w.group_size, n1 - n0)
+        return (q * s[:, None, n0:n1] + off[:, None, n0:n1]).view(k, n1 - n0).to(w.dtype)
+    if ext is not None:
+        return ext.dequant_rows(w.q, w.g_idx, s, off, n0, n1, w.dtype)
+    return (w.q[:, n0:n1] * s[w.g_idx, n0:n1] + off[w.g_idx, n0:n1]).to(w.dtype)
+
+
+def dequant_gemm(x2: torch.Tensor, w: Int4PackWeights | DequantWeights) -> torch.Tensor:
+    """x2 [M, K] in T (already permuted) -> [M, N]: dequantize W^T in column tiles of ~WT_TILE_BYTES
+    (kept in cache between the dequant and its GEMM, never a whole dense copy) and GEMM each."""
     k, n = w.in_features, w.out_features
-    blocks = w.packed.view(n // INT4PACK_BLOCK_N, k, 32)
-    wt = torch.empty((k, n // INT4PACK_BLOCK_N, 2, 32), dtype=w.dtype)
-    wt[:, :, 0].copy_((blocks & 15).transpose(0, 1))
-    wt[:, :, 1].copy_((blocks >> 4).transpose(0, 1))
-    wt = wt.view(k // w.group_size, w.group_size, n)
-    s, zf = w.scales_and_zeros.unbind(-1)
-    # q * s + (zf - 8 s) == (q - 8) * s + zf, one pass fewer over the [K, N] buffer
-    return wt.mul_(s[:, None]).add_((zf - 8 * s)[:, None]).view(k, n)
+    tile = max(64, WT_TILE_BYTES // (k * x2.element_size()) // 64 * 64)
+    so = _scale_offset(w)
+    if tile >= n:
+        return x2 @ dequant_t(w, 0, n, so)
+    return torch.cat([x2 @ dequant_t(w, n0, min(n0 + tile, n), so) for n0 in range(0, n, tile)], dim=1)
 
 
 def prepare_dequant(qweight, qzeros, scales, g_idx, bits: int, checkpoint_format: str,
@@ -129,8 +159,3 @@ def prepare_dequant(qweight, qzeros, scales, g_idx, bits: int, checkpoint_format
         q, g = q[perm], g[perm]
     return DequantWeights(q.to(torch.uint8).contiguous(), zeros.to(dtype), scales.to(dtype), g.contiguous(),
                           perm, q.shape[0], q.shape[1], dtype)
-
-
-def dequant_t(w: DequantWeights) -> torch.Tensor:
-    """W^T [K, N] in T (permuted K order); zeros/scales gathered per row, so any g_idx works."""
-    return (w.q.to(w.dtype) - w.zeros[w.g_idx]).mul_(w.scales[w.g_idx])

@@ -108,3 +108,20 @@ def test_int4pack_group_size_picks_largest_run():
     assert cpu.int4pack_group_size(g) == 128
     assert cpu.int4pack_group_size(torch.zeros(512, dtype=torch.long)) == 256
     assert cpu.int4pack_group_size(torch.arange(512) // 16) == 0
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("bits,n", [(4, 192), (8, 160), (3, 96)])
+def test_column_tiles_match_reference_with_and_without_extension(monkeypatch, compiled, bits, n):
+    from vllm_gptq_plugin.kernels import cpu_ext
+    if compiled and cpu_ext.load() is None:
+        pytest.skip("the CPU dequant extension cannot be built here")
+    if not compiled:
+        monkeypatch.setattr(cpu_ext, "load", lambda: None)
+    k = 256
+    monkeypatch.setattr(cpu, "WT_TILE_BYTES", 64 * k * 2)  # 64-column tiles: several per layer
+    t = random_layer(n, k, bits, 64, act_order=True, seed=n)
+    for dtype in DTYPES:
+        w = prepare(**t, bits=bits, dtype=dtype)
+        x = torch.randn(33, k).to(dtype)
+        assert_close(gptq_gemm(x, w), reference(x, t, bits, "gptq"), dtype)

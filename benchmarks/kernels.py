@@ -1,0 +1,79 @@
+"""CPU dequant-GEMM benchmark: time per call of gptq_gemm vs dense F.linear, side by side, one run.
+
+    .venv/bin/python benchmarks/kernels.py            # 4096x4096 and 4096x11008 (K x N), M 1..256
+    .venv/bin/python benchmarks/kernels.py --quick    # small shapes, a smoke run (seconds)
+
+Columns: per shape, bits and M: dense bf16 and fp32 F.linear (ms), gptq_gemm with bf16 activations
+(ms), the path the dispatch took, speedup = dense bf16 / gptq (> 1 is faster) and vs fp32, and resident
+weight memory / bf16. Targets (issue 5): M=1 speedup >= 3.5; M >= 64 speedup >= 1/1.2 = 0.83;
+memory <= 0.3 (not reachable at 8 bits: 8-bit values alone are 0.5x bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from vllm_gptq_plugin import kernels
+from vllm_gptq_plugin.kernels.testing import random_layer
+
+
+def time_ms(fn, min_time: float, min_reps: int = 3) -> float:
+    """Median ms per call over >= min_reps calls and >= min_time seconds, after one warm-up call."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def path_taken(w: kernels.PreparedWeights, m: int) -> str:
+    if w.backend == "int4pack":
+        return "int4pack" if m <= kernels.INT4PACK_MAX_M else "int4pack-dequant"
+    return w.backend
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes and short timings (smoke run)")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    p.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = [(512, 512), (512, 1408)] if args.quick else [(4096, 4096), (4096, 11008)]
+    min_time = 0.02 if args.quick else 0.3
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, group_size {args.group_size}, "
+          f"act_order {args.act_order}; times in ms per call (median)")
+    header = (f"{'K x N':>12} {'bits':>4} {'M':>4} {'dense bf16':>10} {'dense fp32':>10} {'gptq':>8} "
+              f"{'path':>16} {'x bf16':>7} {'x fp32':>7} {'mem/bf16':>8}")
+    print(header)
+    print("-" * len(header))
+    for k, n in shapes:
+        dense_bf16 = torch.randn(n, k).bfloat16()
+        dense_fp32 = dense_bf16.float()
+        for bits in args.bits:
+            w = kernels.prepare(**random_layer(n, k, bits, args.group_size, act_order=args.act_order),
+                                bits=bits, dtype=torch.bfloat16)
+            mem = w.nbytes() / (n * k * 2)
+            for m in args.ms:
+                x = torch.randn(m, k).bfloat16()
+                x32 = x.float()
+                t_bf16 = time_ms(lambda: torch.nn.functional.linear(x, dense_bf16), min_time)
+                t_fp32 = time_ms(lambda: torch.nn.functional.linear(x32, dense_fp32), min_time)
+                t_q = time_ms(lambda: kernels.gptq_gemm(x, w), min_time)
+                print(f"{f'{k}x{n}':>12} {bits:>4} {m:>4} {t_bf16:>10.3f} {t_fp32:>10.3f} {t_q:>8.3f} "
+                      f"{path_taken(w, m):>16} {t_bf16 / t_q:>6.2f}x {t_fp32 / t_q:>6.2f}x {mem:>8.3f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+// Dequantize GPTQ weights to a transient W^T tile for one dense GEMM (kernels/cpu_ext.py loads this).
+//
+// Plain loops written so that gcc -O3 -march=native vectorizes them: the weights are read once and
+// each output element costs one int->float, one fma and one round to the output dtype. Threads
+// split the K rows (at::parallel_for), so every thread writes its own contiguous rows.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline uint16_t to_bf16_bits(float f) {  // round to nearest even, as torch does (no NaNs here)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <typename T> struct Store;
+template <> struct Store<float> {
+  using raw = float;
+  static raw cvt(float f) { return f; }
+};
+template <> struct Store<at::BFloat16> {
+  using raw = uint16_t;
+  static raw cvt(float f) { return to_bf16_bits(f); }
+};
+template <> struct Store<at::Half> {
+  using raw = _Float16;
+  static raw cvt(float f) { return static_cast<_Float16>(f); }
+};
+
+// packed  uint8 [N, K/2]  torch._convert_weight_to_int4pack_for_cpu's layout: 64-channel blocks; byte
+//                          k*32 + c of block b holds channel b*64+c (low nibble), b*64+32+c (high)
+// scale, offset  fp32 [K/gs, N]   W[n, k] = q * scale[k/gs, n] + offset[k/gs, n]
+// out     T [K, n1 - n0]   W^T for output channels [n0, n1), n0 and n1 multiples of 64
+template <typename T>
+void int4pack_to_wt(const uint8_t* packed, const float* scale, const float* offset,
+                    typename Store<T>::raw* out, int64_t K, int64_t N, int64_t gs, int64_t n0, int64_t n1) {
+  const int64_t width = n1 - n0;
+  at::parallel_for(0, K, 16, [&](int64_t k_begin, int64_t k_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      const float* s = scale + (k / gs) * N;
+      const float* o = offset + (k / gs) * N;
+      auto* dst = out + k * width;
+      for (int64_t b = n0 / 64; b < n1 / 64; ++b) {
+        const uint8_t* src = packed + b * K * 32 + k * 32;
+        const int64_t n = b * 64;
+        auto* d = dst + (n - n0);
+        for (int c = 0; c < 32; ++c) {
+          d[c] = Store<T>::cvt(static_cast<float>(src[c] & 15) * s[n + c] + o[n + c]);
+          d[c + 32] = Store<T>::cvt(static_cast<float>(src[c] >> 4) * s[n + 32 + c] + o[n + 32 + c]);
+        }
+      }
+    }
+  });
+}
+
+// q uint8 [K, N], g_idx int64 [K], scale/offset fp32 [G, N] -> out T [K, n1 - n0]
+template <typename T>
+void rows_to_wt(const uint8_t* q, const int64_t* g_idx, const float* scale, const float* offset,
+                typename Store<T>::raw* out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t width = n1 - n0;
+  at::parallel_for(0, K, 16, [&](int64_t k_begin, int64_t k_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      const float* s = scale + g_idx[k] * N + n0;
+      const float* o = offset + g_idx[k] * N + n0;
+      const uint8_t* src = q + k * N + n0;
+      auto* d = out + k * width;
+      for (int64_t j = 0; j < width; ++j) d[j] = Store<T>::cvt(static_cast<float>(src[j]) * s[j] + o[j]);
+    }
+  });
+}
+
+void check_common(const torch::Tensor& scale, const torch::Tensor& offset) {
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat, "scale/offset fp32");
+  TORCH_CHECK(scale.is_contiguous() && offset.is_contiguous() && scale.sizes() == offset.sizes(),
+              "scale/offset contiguous, same shape");
+}
+
+}  // namespace
+
+torch::Tensor dequant_int4pack(torch::Tensor packed, torch::Tensor scale, torch::Tensor offset,
+                               int64_t group_size, int64_t n0, int64_t n1, at::ScalarType dtype) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2, "packed");
+  check_common(scale, offset);
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(N % 64 == 0 && n0 % 64 == 0 && n1 % 64 == 0 && 0 <= n0 && n0 < n1 && n1 <= N, "n range");
+  TORCH_CHECK(K % group_size == 0 && scale.size(0) == K / group_size && scale.size(1) == N, "groups");
+  auto out = torch::empty({K, n1 - n0}, packed.options().dtype(dtype));
+  const auto* p = packed.data_ptr<uint8_t>();
+  if (dtype == at::kFloat)
+    int4pack_to_wt<float>(p, scale.data_ptr<float>(), offset.data_ptr<float>(),
+                          out.data_ptr<float>(), K, N, group_size, n0, n1);
+  else if (dtype == at::kBFloat16)
+    int4pack_to_wt<at::BFloat16>(p, scale.data_ptr<float>(), offset.data_ptr<float>(),
+                                 reinterpret_cast<uint16_t*>(out.data_ptr()), K, N, group_size, n0, n1);
+  else if (dtype == at::kHalf)
+    int4pack_to_wt<at::Half>(p, scale.data_ptr<float>(), offset.data_ptr<float>(),
+                             reinterpret_cast<_Float16*>(out.data_ptr()), K, N, group_size, n0, n1);
+  else
+    TORCH_CHECK(false, "dtype must be fp32, bf16 or fp16");
+  return out;
+}
+
+torch::Tensor dequant_rows(torch::Tensor q, torch::Tensor g_idx, torch::Tensor scale, torch::Tensor offset,
+                           int64_t n0, int64_t n1, at::ScalarType dtype) {
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 2, "q uint8 [K, N]");
+  TORCH_CHECK(g_idx.scalar_type() == at::kLong && g_idx.is_contiguous() && g_idx.size(0) == q.size(0), "g_idx");
+  check_common(scale, offset);
+  const int64_t K = q.size(0), N = q.size(1);
+  TORCH_CHECK(0 <= n0 && n0 < n1 && n1 <= N && scale.size(1) == N, "n range");
+  auto out = torch::empty({K, n1 - n0}, q.options().dtype(dtype));
+  const auto* p = q.data_ptr<uint8_t>();
+  const auto* g = g_idx.data_ptr<int64_t>();
+  if (dtype == at::kFloat)
+    rows_to_wt<float>(p, g, scale.data_ptr<float>(), offset.data_ptr<float>(), out.data_ptr<float>(), K, N, n0, n1);
+  else if (dtype == at::kBFloat16)
+    rows_to_wt<at::BFloat16>(p, g, scale.data_ptr<float>(), offset.data_ptr<float>(),
+                             reinterpret_cast<uint16_t*>(out.data_ptr()), K, N, n0, n1);
+  else if (dtype == at::kHalf)
+    rows_to_wt<at::Half>(p, g, scale.data_ptr<float>(), offset.data_ptr<float>(),
+                         reinterpret_cast<_Float16*>(out.data_ptr()), K, N, n0, n1);
+  else
+    TORCH_CHECK(false, "dtype must be fp32, bf16 or fp16");
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dequant_int4pack", &dequant_int4pack, "int4pack layout -> W^T [K, n1-n0]");
+  m.def("dequant_rows", &dequant_rows, "uint8 [K, N] rows -> W^T [K, n1-n0]");
+}
