@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 DAMP_STEP = 10.0  # on a failed Cholesky, damp_percent is multiplied by this ...
 DAMP_CAP = 1.0    # ... while it stays <= DAMP_CAP; after that the layer falls back to RTN
+SUB_BLOCK = 16    # columns per rank-1-update tile inside a block (a performance knob only)
 
 
 class NonFiniteActivations(ValueError):
@@ -136,64 +137,75 @@ class GPTQ:
         if cfg.desc_act:  # quantize the columns with the largest input energy first
             perm = torch.argsort(torch.diag(H), descending=True, stable=True)
             W = W[:, perm]
-            H = H[perm][:, perm]
         # group of each column in quantization order
         gperm = perm // gs if static_groups else torch.arange(K, device=W.device) // gs
 
-        V, percdamp, escalations = _reverse_cholesky(H, cfg.damp_percent)
+        # H in reversed quantization order (act-order and reversal in one gather): see _reverse_cholesky
+        rev = perm.flip(0)
+        V, percdamp, escalations = _reverse_cholesky(H[rev[:, None], rev] if cfg.desc_act else H.flip(0, 1),
+                                                     cfg.damp_percent)
         stats.update(damp_percent=percdamp, damp_escalations=escalations, fallback=None)
         if V is None:
             log.warning("GPTQ: Hessian of layer %s is not positive definite even with damp_percent %g: "
                         "falling back to RTN for this layer", self.name or "?", DAMP_CAP)
             return self._rtn(cfg, stats, tick)
-        del H
         Vd = V.diagonal()
         stats["hessian_cond_est"] = float((Vd.max() / Vd.min()) ** 2)  # a lower bound on cond(H + damp)
 
-        q = torch.empty(N, K, dtype=torch.int32, device=W.device)
         scales = torch.empty(K // gs, N, device=W.device)
         zeros = torch.empty(K // gs, N, device=W.device)
         if static_groups:
             scales[:], zeros[:] = torch.stack([s for s, _ in static]), torch.stack([z for _, z in static])
         maxq = 2 ** cfg.bits - 1
+        Q = torch.empty(N, K, device=W.device)
+        q = torch.empty(N, K, dtype=torch.int32, device=W.device)
         loss = 0.0
         for i1 in range(0, K, blocksize):
             i2 = min(i1 + blocksize, K)
             count = i2 - i1
-            eye = torch.eye(count, device=W.device)
-            Hinv1 = torch.linalg.solve_triangular(V[i1:i2, i1:i2], eye, upper=True)
-            # W[:, :i1] holds W - Q of the quantized columns (see the module docstring).
-            W1 = (W[:, i1:i2] + (W[:, :i1] @ V[:i1, i1:i2]) @ Hinv1).t().contiguous()  # [count, N]
-            Q1 = torch.empty_like(W1)    # levels q, as floats
-            Qd1 = torch.empty_like(W1)   # dequantized: scale * (q - zero)
+            Hinv1 = torch.linalg.solve_triangular(V[i1:i2, i1:i2], torch.eye(count, device=W.device), upper=True)
+            W1 = W[:, i1:i2]
+            if i1:  # the lazy-batch update; W[:, :i1] holds W - Q of the quantized columns by now
+                W1 = W1 + (W[:, :i1] @ V[:i1, i1:i2]) @ Hinv1
+            W1 = W1.t().contiguous()  # [count, N]: column i of the block is the contiguous row W1[i]
+            Q1 = torch.empty_like(W1)
             Err1 = torch.empty_like(W1)
+            L1 = torch.empty_like(W1)  # levels q - zero, as floats
+            w_, l_, q_, e_ = W1.unbind(0), L1.unbind(0), Q1.unbind(0), Err1.unbind(0)
             d = Hinv1.diagonal().tolist()
+            if static_groups:
+                S1, Z1 = scales[gperm[i1:i2]], zeros[gperm[i1:i2]]  # [count, N]: each column's grid
+                LO1, HI1 = -Z1, maxq - Z1
             with _threads(1):
-                if static_groups:
-                    S1, Z1 = scales[gperm[i1:i2]], zeros[gperm[i1:i2]]  # [count, N]
-                for i in range(count):
-                    if not static_groups and (i1 + i) % gs == 0:
-                        # grid of the group starting here, from the weights updated so far
-                        scale, zero = find_params(W1[i:i + gs].t())
-                        scales[(i1 + i) // gs], zeros[(i1 + i) // gs] = scale, zero
-                    elif static_groups:
-                        scale, zero = S1[i], Z1[i]
-                    w = W1[i]
-                    torch.div(w, scale, out=Q1[i]).round_().add_(zero).clamp_(0, maxq)
-                    torch.sub(Q1[i], zero, out=Qd1[i]).mul_(scale)
-                    err1 = torch.sub(w, Qd1[i], out=Err1[i]).div_(d[i])
-                    W1[i + 1:].addr_(Hinv1[i, i + 1:], err1, alpha=-1)
+                # Algorithm 1's column loop, in sub-blocks of SUB_BLOCK columns: a column's error goes to
+                # the rest of its sub-block at once (rank 1) and to the rest of the block one sub-block
+                # at a time (rank SUB_BLOCK), so the per-column work stays on a cache-sized tile.
+                for j1 in range(0, count, SUB_BLOCK):
+                    j2 = min(j1 + SUB_BLOCK, count)
+                    for i in range(j1, j2):
+                        if static_groups:
+                            scale, lo, hi = S1[i], LO1[i], HI1[i]
+                        elif (i1 + i) % gs == 0:
+                            # grid of the group starting here, from its weights updated so far
+                            scale, zero = find_params(W1[i:i + gs].t().contiguous())
+                            scales[(i1 + i) // gs], zeros[(i1 + i) // gs] = scale, zero
+                            lo, hi = -zero, maxq - zero
+                        # q = clamp(round(w / scale) + zero, 0, maxq), Q = scale * (q - zero)
+                        torch.div(w_[i], scale, out=l_[i]).round_().clamp_(lo, hi)
+                        torch.mul(l_[i], scale, out=q_[i])
+                        err1 = torch.sub(w_[i], q_[i], out=e_[i]).div_(d[i])
+                        W1[i + 1:j2].addr_(Hinv1[i, i + 1:j2], err1, alpha=-1)
+                    W1[j2:].addmm_(Hinv1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1)
             loss += float(Err1.square().sum()) / 2  # sum of the paper's Losses = (w - q)^2 / Hinv_ii^2 / 2
-            q[:, i1:i2] = Q1.t().to(torch.int32)
-            W[:, i1:i2] -= Qd1.t()
+            W[:, i1:i2] -= Q1.t()
+            Q.index_copy_(1, perm[i1:i2], Q1.t())  # Q and q in the original column order
+            q.index_copy_(1, perm[i1:i2], (L1 + zeros[gperm[i1:i2]]).t().to(torch.int32))
         del W, V
 
         invperm = torch.argsort(perm)
-        q = q[:, invperm].contiguous()
-        g_idx = gperm[invperm].to(torch.int32)
-        zeros = zeros.to(torch.int32)
         stats.update(loss=loss, seconds=time.perf_counter() - tick)
-        return GPTQResult(q, zeros, scales, g_idx, _dequantize(q, zeros, scales, g_idx), stats)
+        # Q is exactly what the format dequantizes q, zeros, scales to: levels are small integers in fp32.
+        return GPTQResult(q, zeros.to(torch.int32), scales, gperm[invperm].to(torch.int32), Q, stats)
 
     def _rtn(self, cfg: fmt.QuantConfig, stats: dict, tick: float) -> GPTQResult:
         from vllm_gptq_plugin.offline_quant import rtn
@@ -206,20 +218,22 @@ class GPTQ:
         self.H = None
 
 
-def _reverse_cholesky(H: torch.Tensor, percdamp: float):
-    """Upper V with H + damp*I = V V^T, damp = percdamp * mean(diag H), raising percdamp on failure.
+def _reverse_cholesky(Hrev: torch.Tensor, percdamp: float):
+    """Upper V with H + damp*I = V V^T, given Hrev = H with rows and columns reversed (damped in place).
 
-    Returns (V or None, percdamp used, number of escalations). H is not modified.
+    If Hrev = L L^T (lower L), reversing rows and columns of both sides gives H = V V^T with V = L
+    reversed, which is upper triangular. damp = percdamp * mean(diag H); percdamp is multiplied by
+    DAMP_STEP while Cholesky fails, up to DAMP_CAP. Returns (V or None, percdamp, escalations).
     """
-    mean_diag = float(H.diagonal().mean())
+    mean_diag = float(Hrev.diagonal().mean())
+    damp = 0.0
     escalations = 0
     while True:
-        # The Cholesky factor of H with rows and columns reversed, reversed back, is upper triangular.
-        Hflip = H.flip(0, 1)
-        Hflip.diagonal().add_(percdamp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hflip)
-        del Hflip
+        Hrev.diagonal().add_(percdamp * mean_diag - damp)
+        damp = percdamp * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hrev)
         if int(info) == 0 and math.isfinite(mean_diag) and mean_diag > 0:
+            del Hrev
             return L.flip(0, 1), percdamp, escalations
         del L
         if percdamp * DAMP_STEP > DAMP_CAP * (1 + 1e-9):
