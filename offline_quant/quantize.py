@@ -356,7 +356,7 @@ class WorkState:
         self._write(inputs, lambda p: save_file({"hidden": inps}, p))
         state = {"version": STATE_VERSION, "digest": self.digest, "key": self.key, "done": done,
                  "inputs": inputs, "rows": rows}
-        self._write("state.json", lambda p: p.write_text(rpt.to_json(state)))
+        self._write("state.json", lambda p: p.write_text(json.dumps(state)))  # json keeps inf
         for old in self.dir.glob("inputs-*.safetensors"):
             if old.name != inputs:
                 old.unlink()
@@ -405,7 +405,11 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
         packed, rows = _rtn(targets, cfg, bars)
         calib_info = None
     else:
-        packed, rows = _gptq(model, model_dir, out, targets, cfg, calib, resume, batch_size, bars)
+        from vllm_gptq_plugin.offline_quant.gptq import NonFiniteActivations
+        try:
+            packed, rows = _gptq(model, model_dir, out, targets, cfg, calib, resume, batch_size, bars)
+        except NonFiniteActivations as e:  # a data/model problem, not a crash: one clear message
+            raise fmt.FormatError(str(e)) from e
         calib_info = dataclasses.asdict(calib)
     rep = {"method": method, "config": cfg.to_dict(), "calibration": calib_info,
            "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t_start,
@@ -458,12 +462,14 @@ def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, cali
         _, kwargs = capture_block_inputs(model, blocks, ids, batches, keep_hidden=False)
         log.info("resuming from %s: %d of %d blocks already quantized", work.dir, start, len(blocks))
     block_bar = bars(total=len(blocks), initial=start, desc="blocks", unit="block")
+    groups = None
     for i in range(start, len(blocks)):
         block, bprefix = blocks[i], f"{prefix}.{i}."
         layers = {name[len(bprefix):]: (module, lcfg, name) for name, (module, lcfg) in targets.items()
                   if name.startswith(bprefix)}
         block_kw = [kw[i] for kw in kwargs]
-        groups = sequential_groups(block, list(layers), inps[batches[0]], block_kw[0], cfg.true_sequential)
+        if groups is None or set(layers) != {n for g in groups for n in g}:  # else same as the last block
+            groups = sequential_groups(block, list(layers), inps[batches[0]], block_kw[0], cfg.true_sequential)
         layer_bar = bars(total=len(layers), desc=f"block {i}", unit="layer", leave=False)
         block_packed = {}
         for members in groups:

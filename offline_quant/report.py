@@ -94,9 +94,12 @@ def summary(report: dict[str, Any]) -> str:
     rows = report["layers"]
     finite = [r["sqnr_db"] for r in rows if r.get("sqnr_db") is not None and math.isfinite(r["sqnr_db"])]
     bits = sorted({r["bits"] for r in rows})
+    mem = report["memory"]
     lines = [f"{report['method']}: {len(rows)} layers quantized at bits {bits} in "
              f"{report['wall_seconds']:.1f} s ({report['threads']} threads), peak RSS "
-             f"{report['peak_rss_mb']:.0f} MiB"]
+             f"{report['peak_rss_mb']:.0f} MiB (fp model {mem['model_mb']:.0f} MiB, calibration "
+             f"activations {mem['activations_mb']:.0f} MiB, bound 1.5x model + activations "
+             f"{mem['bound_mb']:.0f} MiB)"]
     if finite:
         lines.append(f"output SQNR: min {min(finite):.1f} dB, mean {sum(finite) / len(finite):.1f} dB")
     escalated = [r["name"] for r in rows if r.get("escalations")]

@@ -183,3 +183,18 @@ def test_full_disk_leaves_no_checkpoint(tiny_llama, tmp_path, monkeypatch):
     with pytest.raises(fmt.FormatError, match="disk full"):  # the final write, for RTN (no resume state)
         api.quantize(tiny_llama, out, api.QuantConfig(), method="rtn", progress=False)
     assert not out.exists()
+
+
+def test_non_finite_activations_name_the_layer(tiny_llama, tmp_path, capsys):
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")  # what enters lm_head overflows
+    model.save_pretrained(tmp_path / "inf-model")
+    transformers.AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "inf-model")
+    out = tmp_path / "out"
+    assert cli.main(["quantize", "--model", str(tmp_path / "inf-model"), "--out", str(out), "--lm-head",
+                     "--nsamples", "4", "--seqlen", "32", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Inf in the calibration activations entering layer lm_head" in err, err
+    assert not out.exists()

@@ -1,0 +1,132 @@
+"""Quality of GPTQ vs RTN on SmolLM2-135M, side by side, in one run:
+
+1. Perplexity of fp, RTN and GPTQ for 4-bit g64 (act-order off and on), 4-bit per-channel, 3-bit g64
+   and 8-bit g64 (calibration: the default mix), on the held-out eval splits of both corpora, with each
+   quantization's wall time, thread count and peak RSS, and the ratio (GPTQ - fp) / (RTN - fp).
+2. Cross-domain: calibrate on pydocs, evaluate on shakespeare, and vice versa (plus in-domain), with
+   the same ratio: out of domain it must stay <= 1 (GPTQ no worse than RTN).
+
+Each quantization runs in its own process (`vllm-gptq quantize`), so its wall time and peak RSS are
+its own (read from the checkpoint's quant_report.json). Checkpoints are kept in --work and reused
+on a rerun unless --fresh.
+
+Caveat printed with the table: SmolLM2's weights come from a Q4_1 GGUF (4-bit, blocks of 32, float
+min), so the "fp" model is itself a dequantized 4-bit model.
+
+    .venv/bin/python benchmarks/quality.py            # the full run (about an hour on 2 cores)
+    .venv/bin/python benchmarks/quality.py --quick    # smoke run: 4-bit g64 only, tiny calibration
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EVALS = ("pydocs:eval", "shakespeare:eval")
+CONFIGS = {  # name -> quantize flags
+    "4b g64": ["--bits", "4", "--group-size", "64"],
+    "4b g64 act-order": ["--bits", "4", "--group-size", "64", "--act-order"],
+    "4b per-channel": ["--bits", "4", "--group-size", "-1"],
+    "3b g64": ["--bits", "3", "--group-size", "64"],
+    "8b g64": ["--bits", "8", "--group-size", "64"],
+}
+CROSS_CONFIGS = ("4b g64", "3b g64")
+CROSS_CALIB = ("pydocs", "shakespeare")
+
+
+def quantize(args, name: str, method: str, flags: list[str], calib: str) -> dict:
+    """Quantize (or reuse) one checkpoint in a child process; returns its quant_report.json."""
+    out = args.work / f"{method}-{calib}-{name.replace(' ', '-')}-{args.nsamples}x{args.seqlen}"
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    if not (out / "quant_report.json").exists():
+        cmd = [sys.executable, "-m", "vllm_gptq_plugin.cli", "quantize", "--model", str(args.model),
+               "--out", str(out), "--method", method, *flags, "--calib", calib, "--nsamples",
+               str(args.nsamples), "--seqlen", str(args.seqlen), "--no-progress", *args.extra]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        print(f"  quantizing {out.name} ...", file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    rep = json.loads((out / "quant_report.json").read_text())
+    rep["path"] = out
+    return rep
+
+
+def ppl(args, path: Path, spec: str, cache: dict) -> float:
+    from vllm_gptq_plugin.offline_quant.ppl import text_ppl
+    key = (str(path), spec)
+    if key not in cache:
+        cache[key] = text_ppl(path, spec, ctx=args.ctx, max_tokens=args.max_tokens, progress=False)["ppl"]
+    return cache[key]
+
+
+def ratio(fp: float, rtn: float, gptq: float) -> str:
+    return f"{(gptq - fp) / (rtn - fp):.2f}" if rtn != fp else "-"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=ROOT / ".cache" / "smollm2")
+    p.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-quality")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--calib", default="mix", help="calibration of table 1")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=16384, help="eval tokens per text")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="smoke run: 4b g64 only, 16x256 calibration, 2k tokens")
+    p.add_argument("--fresh", action="store_true", help="re-quantize even if a checkpoint is in --work")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="more `vllm-gptq quantize` flags for every run (e.g. --asym)")
+    args = p.parse_args()
+    configs, cross = CONFIGS, CROSS_CONFIGS
+    if args.quick:
+        args.nsamples, args.seqlen, args.max_tokens = 16, 256, 2048
+        configs, cross = {"4b g64": CONFIGS["4b g64"]}, ("4b g64",)
+    if not (args.model / "config.json").exists():
+        from vllm_gptq_plugin.offline_quant.models import fetch_smollm2
+        fetch_smollm2(args.model)
+    args.work.mkdir(parents=True, exist_ok=True)
+    cache: dict = {}
+    fp = {e: ppl(args, args.model, e, cache) for e in EVALS}
+
+    print(f"\nSmolLM2-135M-Instruct fp32 (caveat: its weights are a dequantized Q4_1 GGUF, 4-bit in blocks "
+          f"of 32 with float mins: the 'fp' model is itself a 4-bit model)")
+    print(f"table 1: calibration {args.calib} {args.nsamples}x{args.seqlen} seed 0; perplexity at ctx "
+          f"{args.ctx} on {args.max_tokens} tokens of each eval split; ratio = (GPTQ-fp)/(RTN-fp)")
+    head = f"{'config':<18} {'method':<6} " + " ".join(f"{e:>17}" for e in EVALS) + \
+        " " + " ".join(f"{'ratio ' + e.split(':')[0]:>18}" for e in EVALS) + \
+        f" {'quant s':>8} {'threads':>7} {'peak RSS MiB':>12}"
+    print(head)
+    print(f"{'fp':<18} {'-':<6} " + " ".join(f"{fp[e]:>17.2f}" for e in EVALS))
+    for name, flags in configs.items():
+        reps = {m: quantize(args, name, m, flags, args.calib) for m in ("rtn", "gptq")}
+        vals = {m: {e: ppl(args, reps[m]["path"], e, cache) for e in EVALS} for m in reps}
+        for m, rep in reps.items():
+            ratios = [ratio(fp[e], vals["rtn"][e], vals["gptq"][e]) if m == "gptq" else "" for e in EVALS]
+            print(f"{name:<18} {m.upper():<6} " + " ".join(f"{vals[m][e]:>17.2f}" for e in EVALS) + " " +
+                  " ".join(f"{r:>18}" for r in ratios) +
+                  f" {rep['wall_seconds']:>8.1f} {rep['threads']:>7} {rep['peak_rss_mb']:>12.0f}")
+
+    print(f"\ntable 2: cross-domain, calibration {args.nsamples}x{args.seqlen} on one corpus; ratio <= 1 "
+          "means GPTQ is no worse than RTN")
+    print(f"{'calibrated on':<14} {'config':<8} {'eval on':<18} {'fp':>7} {'RTN':>7} {'GPTQ':>7} {'ratio':>6}")
+    for calib in CROSS_CALIB:
+        for name in cross:
+            rtn = quantize(args, name, "rtn", CONFIGS[name], args.calib)  # RTN ignores calibration
+            gptq = quantize(args, name, "gptq", CONFIGS[name], calib)
+            for e in EVALS:
+                r, g = ppl(args, rtn["path"], e, cache), ppl(args, gptq["path"], e, cache)
+                where = "in domain" if e.startswith(calib) else "OUT of domain"
+                print(f"{calib:<14} {name:<8} {e:<18} {fp[e]:>7.2f} {r:>7.2f} {g:>7.2f} "
+                      f"{ratio(fp[e], r, g):>6}  {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
