@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/kernels.py            # 4096x4096 and 4096x11008 (K x N), M 1..256
     .venv/bin/python benchmarks/kernels.py --quick    # small shapes, a smoke run (seconds)
 
-Columns: per shape, bits and M: dense bf16 and fp32 F.linear (ms), gptq_gemm with bf16 activations
-(ms), the path the dispatch took, speedup = dense bf16 / gptq (> 1 is faster) and vs fp32, and resident
-weight memory / bf16. Targets (issue 5): M=1 speedup >= 3.5; M >= 64 speedup >= 1/1.2 = 0.83;
-memory <= 0.3 (not reachable at 8 bits: 8-bit values alone are 0.5x bf16).
+Columns per shape, M and bits: dense bf16 and fp32 F.linear (ms); gptq_gemm with bf16 activations
+(ms) and the path the dispatch took; both candidate paths of int4pack layers forced (int4pack kernel,
+dequantized W^T tiles + GEMM) to re-tune kernels.INT4PACK_MAX_M; speedup = dense / gptq (> 1 is
+faster); resident weight memory / bf16. Targets (issue 5): M=1 speedup vs bf16 >= 3.5; M >= 64
+speedup >= 1/1.2 = 0.83; memory <= 0.3 (8-bit values alone are 0.5x bf16).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 import torch
 
 from vllm_gptq_plugin import kernels
+from vllm_gptq_plugin.kernels import cpu, cpu_ext
 from vllm_gptq_plugin.kernels.testing import random_layer
 
 
@@ -34,8 +36,8 @@ def time_ms(fn, min_time: float, min_reps: int = 3) -> float:
 
 def path_taken(w: kernels.PreparedWeights, m: int) -> str:
     if w.backend == "int4pack":
-        return "int4pack" if m <= kernels.INT4PACK_MAX_M else "int4pack-dequant"
-    return w.backend
+        return "int4pack" if m <= kernels.INT4PACK_MAX_M else "int4pack-tiles"
+    return "dequant-tiles"
 
 
 def main() -> None:
@@ -51,28 +53,34 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     shapes = [(512, 512), (512, 1408)] if args.quick else [(4096, 4096), (4096, 11008)]
     min_time = 0.02 if args.quick else 0.3
+    ext = "compiled" if cpu_ext.load() is not None else "torch ops (extension not built)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, group_size {args.group_size}, "
-          f"act_order {args.act_order}; times in ms per call (median)")
-    header = (f"{'K x N':>12} {'bits':>4} {'M':>4} {'dense bf16':>10} {'dense fp32':>10} {'gptq':>8} "
-              f"{'path':>16} {'x bf16':>7} {'x fp32':>7} {'mem/bf16':>8}")
+          f"act_order {args.act_order}, dequantizer: {ext}; ms per call (median)")
+    header = (f"{'K x N':>11} {'M':>4} {'bits':>4} {'bf16':>8} {'fp32':>8} {'gptq':>8} {'path':>14} "
+              f"{'int4pack':>8} {'tiles':>8} {'vs bf16':>7} {'vs fp32':>7} {'mem/bf16':>8}")
     print(header)
     print("-" * len(header))
     for k, n in shapes:
         dense_bf16 = torch.randn(n, k).bfloat16()
         dense_fp32 = dense_bf16.float()
-        for bits in args.bits:
-            w = kernels.prepare(**random_layer(n, k, bits, args.group_size, act_order=args.act_order),
-                                bits=bits, dtype=torch.bfloat16)
-            mem = w.nbytes() / (n * k * 2)
-            for m in args.ms:
-                x = torch.randn(m, k).bfloat16()
-                x32 = x.float()
-                t_bf16 = time_ms(lambda: torch.nn.functional.linear(x, dense_bf16), min_time)
-                t_fp32 = time_ms(lambda: torch.nn.functional.linear(x32, dense_fp32), min_time)
+        layers = {bits: kernels.prepare(**random_layer(n, k, bits, args.group_size, act_order=args.act_order),
+                                        bits=bits, dtype=torch.bfloat16) for bits in args.bits}
+        for m in args.ms:
+            x = torch.randn(m, k).bfloat16()
+            x32 = x.float()
+            t_bf16 = time_ms(lambda: torch.nn.functional.linear(x, dense_bf16), min_time)
+            t_fp32 = time_ms(lambda: torch.nn.functional.linear(x32, dense_fp32), min_time)
+            for bits, w in layers.items():
                 t_q = time_ms(lambda: kernels.gptq_gemm(x, w), min_time)
-                print(f"{f'{k}x{n}':>12} {bits:>4} {m:>4} {t_bf16:>10.3f} {t_fp32:>10.3f} {t_q:>8.3f} "
-                      f"{path_taken(w, m):>16} {t_bf16 / t_q:>6.2f}x {t_fp32 / t_q:>6.2f}x {mem:>8.3f}",
-                      flush=True)
+                forced = "       -        -"
+                if w.backend == "int4pack":
+                    t_i = time_ms(lambda: cpu.int4pack_gemm(x, w.impl), min_time)
+                    t_t = time_ms(lambda: cpu.dequant_gemm(x, w.impl), min_time)
+                    forced = f"{t_i:>8.3f} {t_t:>8.3f}"
+                mem = w.nbytes() / (n * k * 2)
+                print(f"{f'{k}x{n}':>11} {m:>4} {bits:>4} {t_bf16:>8.3f} {t_fp32:>8.3f} {t_q:>8.3f} "
+                      f"{path_taken(w, m):>14} {forced} {t_bf16 / t_q:>6.2f}x {t_fp32 / t_q:>6.2f}x "
+                      f"{mem:>8.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ from .checks import can_implement, check_input, require
 __all__ = ["PreparedWeights", "prepare", "gptq_gemm", "can_implement", "choose_backend",
            "INT4PACK_MAX_M"]
 
-# Measured with benchmarks/kernels.py (2-core AVX-512 CPU, 4096x4096, bf16): int4pack time grows
-# linearly with M and crosses dequant + dense GEMM between M = 4 and 16.
-INT4PACK_MAX_M = 8
+# int4pack's time grows linearly with M; dequantizing W^T tiles costs a fixed ~1 ms per 4096x4096 plus
+# the dense GEMM. On the 2-core AVX-512 dev box (4096x4096, bf16, noisy) they cross between M = 16 and
+# 32; benchmarks/kernels.py prints both paths per M to re-tune this on a quiet machine.
+INT4PACK_MAX_M = 16
 BACKENDS = ("triton", "int4pack", "dequant")
 
 

@@ -8,6 +8,10 @@
 
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define GPTQ_AVX512_BF16 1
+#endif
 
 namespace {
 
@@ -35,6 +39,35 @@ template <> struct Store<at::Half> {
 //                          k*32 + c of block b holds channel b*64+c (low nibble), b*64+32+c (high)
 // scale, offset  fp32 [K/gs, N]   W[n, k] = q * scale[k/gs, n] + offset[k/gs, n]
 // out     T [K, n1 - n0]   W^T for output channels [n0, n1), n0 and n1 multiples of 64
+// One 64-channel block of one K row: 32 bytes -> 64 outputs.
+template <typename T>
+inline void int4pack_block(const uint8_t* __restrict__ src, const float* __restrict__ s,
+                           const float* __restrict__ o, typename Store<T>::raw* __restrict__ d) {
+  for (int c = 0; c < 32; ++c) {
+    d[c] = Store<T>::cvt(static_cast<float>(src[c] & 15) * s[c] + o[c]);
+    d[c + 32] = Store<T>::cvt(static_cast<float>(src[c] >> 4) * s[32 + c] + o[32 + c]);
+  }
+}
+
+#ifdef GPTQ_AVX512_BF16
+// The hot case (bf16 serving): widen 16 bytes at a time, one fma per 16 outputs, and round with the
+// AVX512-BF16 convert instead of the integer rounding trick the auto-vectorizer gets.
+template <>
+inline void int4pack_block<at::BFloat16>(const uint8_t* __restrict__ src, const float* __restrict__ s,
+                                         const float* __restrict__ o, uint16_t* __restrict__ d) {
+  const __m512i nibble = _mm512_set1_epi32(15);
+  for (int c = 0; c < 32; c += 16) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c)));
+    __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, nibble)), _mm512_loadu_ps(s + c),
+                                _mm512_loadu_ps(o + c));
+    __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), _mm512_loadu_ps(s + 32 + c),
+                                _mm512_loadu_ps(o + 32 + c));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c), (__m256i)_mm512_cvtneps_pbh(lo));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 32 + c), (__m256i)_mm512_cvtneps_pbh(hi));
+  }
+}
+#endif
+
 template <typename T>
 void int4pack_to_wt(const uint8_t* packed, const float* scale, const float* offset,
                     typename Store<T>::raw* out, int64_t K, int64_t N, int64_t gs, int64_t n0, int64_t n1) {
@@ -45,13 +78,7 @@ void int4pack_to_wt(const uint8_t* packed, const float* scale, const float* offs
       const float* o = offset + (k / gs) * N;
       auto* dst = out + k * width;
       for (int64_t b = n0 / 64; b < n1 / 64; ++b) {
-        const uint8_t* src = packed + b * K * 32 + k * 32;
-        const int64_t n = b * 64;
-        auto* d = dst + (n - n0);
-        for (int c = 0; c < 32; ++c) {
-          d[c] = Store<T>::cvt(static_cast<float>(src[c] & 15) * s[n + c] + o[n + c]);
-          d[c + 32] = Store<T>::cvt(static_cast<float>(src[c] >> 4) * s[n + 32 + c] + o[n + 32 + c]);
-        }
+        int4pack_block<T>(packed + b * K * 32 + k * 32, s + b * 64, o + b * 64, dst + (b * 64 - n0));
       }
     }
   });
@@ -64,10 +91,10 @@ void rows_to_wt(const uint8_t* q, const int64_t* g_idx, const float* scale, cons
   const int64_t width = n1 - n0;
   at::parallel_for(0, K, 16, [&](int64_t k_begin, int64_t k_end) {
     for (int64_t k = k_begin; k < k_end; ++k) {
-      const float* s = scale + g_idx[k] * N + n0;
-      const float* o = offset + g_idx[k] * N + n0;
-      const uint8_t* src = q + k * N + n0;
-      auto* d = out + k * width;
+      const float* __restrict__ s = scale + g_idx[k] * N + n0;
+      const float* __restrict__ o = offset + g_idx[k] * N + n0;
+      const uint8_t* __restrict__ src = q + k * N + n0;
+      auto* __restrict__ d = out + k * width;
       for (int64_t j = 0; j < width; ++j) d[j] = Store<T>::cvt(static_cast<float>(src[j]) * s[j] + o[j]);
     }
   });
