@@ -389,7 +389,7 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
                    overwrite: bool = False, batch_size: int = DEFAULT_BATCH, threads: int | None = None,
                    progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Quantize the HF causal LM at `model_dir` into checkpoint `out`; returns (path, report)."""
-    t_start = time.perf_counter()
+    t_start, baseline_mb = time.perf_counter(), rpt.current_rss_mb()  # the interpreter, torch, transformers
     model_dir, out = Path(model_dir), Path(out).absolute()
     if method not in METHODS:
         raise fmt.FormatError(f"unknown method {method!r}: choose one of {METHODS}")
@@ -413,7 +413,8 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
         calib_info = dataclasses.asdict(calib)
     rep = {"method": method, "config": cfg.to_dict(), "calibration": calib_info,
            "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t_start,
-           "peak_rss_mb": rpt.peak_rss_mb(), "memory": _memory(model, calib, method),
+           "peak_rss_mb": rpt.peak_rss_mb(),
+           "memory": {**_memory(model, calib, method), "baseline_rss_mb": baseline_mb},
            "layers": rows, "sensitivity": rpt.sensitivity(rows)}
     path = _write(model, packed, cfg, out, model_dir, src_dtype, overwrite,
                   {rpt.REPORT_FILE: rpt.to_json(rep)})

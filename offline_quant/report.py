@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 from typing import Any
 
@@ -17,8 +18,9 @@ ILL_CONDITIONED = 1e7  # cond(H + damp) beyond this: fp32 solves lose most digit
 
 
 def output_sqnr_db(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor | None) -> float:
-    """SQNR of Q·x against W·x over the calibration inputs, from H ∝ Σ x xᵀ alone (no forward pass):
-    ‖WX‖² = tr(W H Wᵀ), ‖(W−Q)X‖² = tr(E H Eᵀ). With H None: the weights' own SQNR (RTN, no data)."""
+    """SQNR of Q·x against W·x over the calibration inputs, from H ∝ Σ x xᵀ alone (no forward
+    pass): ‖WX‖² = tr(W H Wᵀ), ‖(W−Q)X‖² = tr(E H Eᵀ).
+    With H None: the weights' own SQNR (RTN has no calibration data)."""
     W, Q = W.double(), Q.double()
     E = W - Q
     if H is None:
@@ -49,6 +51,15 @@ def hints(stats: dict[str, Any]) -> list[str]:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        pages = int(open("/proc/self/statm").read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def sensitivity(rows: list[dict[str, Any]], top: int = TOP_SENSITIVE) -> list[dict[str, Any]]:
@@ -99,7 +110,8 @@ def summary(report: dict[str, Any]) -> str:
              f"{report['wall_seconds']:.1f} s ({report['threads']} threads), peak RSS "
              f"{report['peak_rss_mb']:.0f} MiB (fp model {mem['model_mb']:.0f} MiB, calibration "
              f"activations {mem['activations_mb']:.0f} MiB, bound 1.5x model + activations "
-             f"{mem['bound_mb']:.0f} MiB)"]
+             f"{mem['bound_mb']:.0f} MiB, above the {mem['baseline_rss_mb']:.0f} MiB the process held "
+             "before loading the model)"]
     if finite:
         lines.append(f"output SQNR: min {min(finite):.1f} dB, mean {sum(finite) / len(finite):.1f} dB")
     escalated = [r["name"] for r in rows if r.get("escalations")]

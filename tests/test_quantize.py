@@ -56,6 +56,18 @@ def test_gptq_checkpoint_validates_runs_and_reports(arch, request, tmp_path):
     assert rep["sensitivity"][0]["sqnr_db"] == min(r["sqnr_db"] for r in rep["layers"])
 
 
+def test_output_sqnr_from_the_hessian_equals_the_direct_one():
+    torch.manual_seed(0)
+    W, X = torch.randn(16, 32), torch.randn(100, 32) * torch.linspace(0.1, 3, 32)
+    Q = W + 0.05 * torch.randn_like(W)
+    direct = 10 * math.log10(float((X @ W.t()).pow(2).sum() / (X @ (W - Q).t()).pow(2).sum()))
+    assert rpt.output_sqnr_db(W, Q, 2 / 100 * X.t() @ X) == pytest.approx(direct, abs=1e-6)
+    assert rpt.output_sqnr_db(W, W, torch.eye(32)) == math.inf
+    rows = [{"name": f"l{i}", "bits": 4, "sqnr_db": s} for i, s in enumerate([20.0, 9.0, 30.0])]
+    assert [s["name"] for s in rpt.sensitivity(rows, top=2)] == ["l1", "l0"]
+    assert rpt.sensitivity(rows)[0]["rule"] == "l1$=bits:8"
+
+
 def test_true_sequential_groups_follow_the_block(tiny_qwen2):
     model, _ = qz.load_causal_lm(tiny_qwen2)
     prefix, blocks = qz.decoder_blocks(model)
