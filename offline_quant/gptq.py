@@ -51,11 +51,13 @@ class NonFiniteActivations(ValueError):
 
 @dataclasses.dataclass
 class GPTQResult:
-    q: torch.Tensor       # [N, K] int32 levels, original column order
+    q: torch.Tensor       # [N, K] int32 levels, original column order (from fasterquant: a view of a
+                          # contiguous [K, N] tensor, q.t(), which is the layout format.pack_layer packs)
     zeros: torch.Tensor   # [G, N] int32 real zero points (>= 1 for v1 asymmetric)
     scales: torch.Tensor  # [G, N] fp32, each fp16-representable
     g_idx: torch.Tensor   # [K] int32 group of each input column
-    Q: torch.Tensor       # [N, K] fp32 == (q - zeros[g_idx].T) * scales[g_idx].T, what the format dequantizes to
+    Q: torch.Tensor       # [N, K] fp32 == (q - zeros[g_idx].T) * scales[g_idx].T, what the format dequantizes
+                          # to (from fasterquant: also a transposed view)
     stats: dict
 
 
@@ -80,13 +82,6 @@ class GPTQ:
     def add_batch(self, inp: torch.Tensor) -> None:
         """H = 2/n sum over all n tokens so far of x x^T, updated with one in-place GEMM per batch."""
         inp = inp.detach().reshape(-1, inp.shape[-1])
-        if not bool(torch.isfinite(inp).all()):
-            bad = "NaN" if bool(torch.isnan(inp).any()) else "Inf"
-            where = f"layer {self.name}" if self.name else "this layer"
-            raise NonFiniteActivations(
-                f"{bad} in the calibration activations entering {where}: the fp model already produces "
-                "non-finite values on this calibration text (check the model's dtype, e.g. fp16 overflow, "
-                "and the calibration samples)")
         tmp = inp.shape[0]
         if tmp == 0:
             return
@@ -95,6 +90,18 @@ class GPTQ:
         # accumulates a huge sum; beta and alpha fold the rescaling into the GEMM itself.
         self.H.addmm_(inp.t(), inp, beta=self.nsamples / (self.nsamples + tmp), alpha=2 / (self.nsamples + tmp))
         self.nsamples += tmp
+        # A NaN or Inf anywhere in inp reaches diag(H) (sum of x_k^2), so K values tell what a full pass
+        # over inp would.
+        if not bool(torch.isfinite(self.H.diagonal()).all()):
+            where = f"layer {self.name}" if self.name else "this layer"
+            if bool(torch.isfinite(inp).all()):
+                raise NonFiniteActivations(f"the Hessian of {where} overflowed fp32: its calibration "
+                                           "activations are too large")
+            bad = "NaN" if bool(torch.isnan(inp).any()) else "Inf"
+            raise NonFiniteActivations(
+                f"{bad} in the calibration activations entering {where}: the fp model already produces "
+                "non-finite values on this calibration text (check the model's dtype, e.g. fp16 overflow, "
+                "and the calibration samples)")
 
     def fasterquant(self, cfg: fmt.QuantConfig, blocksize: int = 128, mse: bool | None = None) -> GPTQResult:
         """Quantize the layer's weight with GPTQ against H. Does not modify the layer.
@@ -111,7 +118,8 @@ class GPTQ:
         if not bool(torch.isfinite(H.diagonal()).all()):
             raise NonFiniteActivations(f"the Hessian of layer {self.name or '?'} overflowed fp32: its "
                                        "calibration activations are too large")
-        if gs < K:  # group parameters are taken from the block, so a group must not straddle blocks
+        if gs < K:  # a group's grid is taken from the block's updated weights: groups must not straddle
+            assert gs % SUB_BLOCK == 0, f"group_size {gs} must be a multiple of {SUB_BLOCK}"  # nor sub-blocks
             blocksize = max(blocksize // gs, 1) * gs
         mse = bool(cfg.meta.get("mse", False)) if mse is None else mse
         find_params = lambda Wg: grid.find_params(  # noqa: E731  Wg [N, cols] -> (scale [N], zero [N])
@@ -123,9 +131,10 @@ class GPTQ:
                  "hessian_diag_max": float(diag.max()), "hessian_diag_mean": float(diag.mean()), "mse": mse}
 
         dead = diag == 0  # inputs that were always 0: nothing to fit, so quantize them to exactly 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
         stats["dead_columns"] = int(dead.sum())
+        if stats["dead_columns"]:
+            H[dead, dead] = 1
+            W[:, dead] = 0
 
         # Grids of the original column groups, fixed before any update. One group per row (group_size
         # -1) is always fixed up front, as in the reference: it starts before any error feedback anyway.
@@ -157,8 +166,10 @@ class GPTQ:
         if static_groups:
             scales[:], zeros[:] = torch.stack([s for s, _ in static]), torch.stack([z for _, z in static])
         maxq = 2 ** cfg.bits - 1
-        Q = torch.empty(N, K, device=W.device)
-        q = torch.empty(N, K, dtype=torch.int32, device=W.device)
+        # Results are gathered transposed, [K, N], so each block's rows land in their original column
+        # positions with a contiguous row copy; q and Q are returned as [N, K] views of them.
+        QT = torch.empty(K, N, device=W.device)
+        qT = torch.empty(K, N, dtype=torch.int32, device=W.device)
         loss = 0.0
         for i1 in range(0, K, blocksize):
             i2 = min(i1 + blocksize, K)
@@ -198,14 +209,14 @@ class GPTQ:
                     W1[j2:].addmm_(Hinv1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1)
             loss += float(Err1.square().sum()) / 2  # sum of the paper's Losses = (w - q)^2 / Hinv_ii^2 / 2
             W[:, i1:i2] -= Q1.t()
-            Q.index_copy_(1, perm[i1:i2], Q1.t())  # Q and q in the original column order
-            q.index_copy_(1, perm[i1:i2], (L1 + zeros[gperm[i1:i2]]).t().to(torch.int32))
+            QT.index_copy_(0, perm[i1:i2], Q1)
+            qT.index_copy_(0, perm[i1:i2], (L1 + zeros[gperm[i1:i2]]).to(torch.int32))
         del W, V
 
         invperm = torch.argsort(perm)
         stats.update(loss=loss, seconds=time.perf_counter() - tick)
         # Q is exactly what the format dequantizes q, zeros, scales to: levels are small integers in fp32.
-        return GPTQResult(q, zeros.to(torch.int32), scales, gperm[invperm].to(torch.int32), Q, stats)
+        return GPTQResult(qT.t(), zeros.to(torch.int32), scales, gperm[invperm].to(torch.int32), QT.t(), stats)
 
     def _rtn(self, cfg: fmt.QuantConfig, stats: dict, tick: float) -> GPTQResult:
         from vllm_gptq_plugin.offline_quant import rtn
