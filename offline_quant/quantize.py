@@ -562,7 +562,8 @@ def add_arguments(p) -> None:
     p.add_argument("--act-order", action="store_true", help="desc_act: quantize columns by descending H diag")
     p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
     p.add_argument("--static-groups", action="store_true", help="group grids fixed before the solve")
-    p.add_argument("--damp-percent", type=float, default=0.01)
+    p.add_argument("--damp-percent", type=float, default=0.01, help="damping, a fraction of mean diag(H)")
+    p.add_argument("--mse", action="store_true", help="MSE-optimal clipping of each group's grid")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="quantize all of a block's Linears from fp inputs (faster, slightly worse)")
     p.add_argument("--format", dest="checkpoint_format", choices=fmt.FORMATS, default="gptq")
@@ -591,7 +592,8 @@ def config_from_args(args) -> fmt.QuantConfig:
     return fmt.QuantConfig(bits=args.bits, group_size=args.group_size, desc_act=args.act_order,
                            static_groups=args.static_groups, sym=not args.asym,
                            damp_percent=args.damp_percent, true_sequential=args.true_sequential,
-                           checkpoint_format=args.checkpoint_format, lm_head=args.lm_head, dynamic=dynamic)
+                           checkpoint_format=args.checkpoint_format, lm_head=args.lm_head, dynamic=dynamic,
+                           meta={"mse": True} if args.mse else {})
 
 
 def run(args) -> int:

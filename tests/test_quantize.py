@@ -100,8 +100,9 @@ def test_rules_and_skips_give_mixed_precision(tiny_llama, tmp_path):
     rc = cli.main(["quantize", "--model", str(tiny_llama), "--out", str(out), "--bits", "4",
                    "--group-size", "64", "--rule", r".*\.down_proj$=bits:8,group_size:128",
                    "--skip", r"model\.layers\.0\.self_attn\.o_proj", "--nsamples", "8", "--seqlen", "64",
-                   "--threads", "1", "--no-progress"])
+                   "--threads", "1", "--no-progress", "--mse"])
     assert rc == 0
+    assert json.loads((out / fmt.CONFIG_FILE).read_text())["meta"]["mse"] is True
     summary = fmt.validate(out)
     layers = summary["layers"]
     assert "model.layers.0.self_attn.o_proj" not in layers and "model.layers.1.self_attn.o_proj" in layers
