@@ -19,7 +19,7 @@ import dataclasses
 
 import torch
 
-from . import cpu
+from . import cpu, cpu_ext
 from .checks import can_implement, check_input, require
 
 __all__ = ["PreparedWeights", "prepare", "gptq_gemm", "can_implement", "choose_backend",
@@ -62,16 +62,18 @@ def prepare(qweight, qzeros, scales, g_idx, *, bits: int, checkpoint_format: str
     device = qweight.device
     k, n = g_idx.shape[0], scales.shape[1]
     backend = backend or choose_backend(device, bits, g_idx, n)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
     if backend == "triton":
         from . import triton_gemm  # lazy: importing triton on a CPU host switches on its interpreter
         impl = triton_gemm.prepare_triton(qweight, qzeros, scales, g_idx, bits, checkpoint_format)
     elif backend == "int4pack":
         require(cpu.can_int4pack(bits, g_idx, n))
         impl = cpu.prepare_int4pack(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
-    elif backend == "dequant":
-        impl = cpu.prepare_dequant(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
     else:
-        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+        impl = cpu.prepare_dequant(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
+    if backend != "triton":
+        cpu_ext.load()  # build once per machine (~1 min) at load time, not inside the first forward
     return PreparedWeights(backend, impl, bits, checkpoint_format, k, n, dtype, device)
 
 

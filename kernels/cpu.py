@@ -122,32 +122,58 @@ def _scale_offset(w: Int4PackWeights | DequantWeights) -> tuple[torch.Tensor, to
     return s, (-w.zeros.float() * s).contiguous()
 
 
-def dequant_t(w: Int4PackWeights | DequantWeights, n0: int, n1: int, scale_offset=None) -> torch.Tensor:
+def dequant_t(w: Int4PackWeights | DequantWeights, n0: int, n1: int, scale_offset=None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """The transient W^T [K, n1 - n0] in T (permuted K order) for output channels [n0, n1)."""
     s, off = scale_offset or _scale_offset(w)
     ext = cpu_ext.load()
+    if ext is None:
+        return _dequant_t_torch(w, n0, n1, s, off)
+    if out is None:
+        out = torch.empty((w.in_features, n1 - n0), dtype=w.dtype)
     if isinstance(w, Int4PackWeights):
-        if ext is not None:
-            return ext.dequant_int4pack(w.packed, s, off, w.group_size, n0, n1, w.dtype)
+        ext.dequant_int4pack(w.packed, s, off, w.group_size, n0, n1, out)
+    else:
+        ext.dequant_rows(w.q, w.g_idx, s, off, n0, n1, out)
+    return out
+
+
+def _dequant_t_torch(w, n0: int, n1: int, s: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+    """dequant_t in torch ops (~5 passes over the tile), for machines that cannot build cpu_ext."""
+    if isinstance(w, Int4PackWeights):
         k = w.in_features
         blocks = w.packed.view(-1, k, 32)[n0 // INT4PACK_BLOCK_N: n1 // INT4PACK_BLOCK_N]
         q = torch.stack([blocks & 15, blocks >> 4], dim=2).permute(1, 0, 2, 3).reshape(k // w.group_size,
                                                                                       w.group_size, n1 - n0)
         return (q * s[:, None, n0:n1] + off[:, None, n0:n1]).view(k, n1 - n0).to(w.dtype)
-    if ext is not None:
-        return ext.dequant_rows(w.q, w.g_idx, s, off, n0, n1, w.dtype)
     return (w.q[:, n0:n1] * s[w.g_idx, n0:n1] + off[w.g_idx, n0:n1]).to(w.dtype)
 
 
 def dequant_gemm(x2: torch.Tensor, w: Int4PackWeights | DequantWeights) -> torch.Tensor:
     """x2 [M, K] in T (already permuted) -> [M, N]: dequantize W^T in column tiles of ~WT_TILE_BYTES
-    (kept in cache between the dequant and its GEMM, never a whole dense copy) and GEMM each."""
+    (one buffer, reused: it stays in cache between the dequant and its GEMM, and is never a whole dense
+    copy) and run one GEMM per tile."""
     k, n = w.in_features, w.out_features
-    tile = max(64, WT_TILE_BYTES // (k * x2.element_size()) // 64 * 64)
+    tile = min(n, max(64, WT_TILE_BYTES // (k * x2.element_size()) // 64 * 64))
     so = _scale_offset(w)
-    if tile >= n:
-        return x2 @ dequant_t(w, 0, n, so)
-    return torch.cat([x2 @ dequant_t(w, n0, min(n0 + tile, n), so) for n0 in range(0, n, tile)], dim=1)
+    buf = _workspace(k, tile, w.dtype)
+    y = torch.empty((x2.shape[0], n), dtype=x2.dtype)
+    for n0 in range(0, n, tile):
+        n1 = min(n0 + tile, n)
+        y[:, n0:n1] = x2 @ dequant_t(w, n0, n1, so, out=buf[:, : n1 - n0] if n1 - n0 == tile else None)
+    return y
+
+
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(k: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """One tile buffer per (K, width, dtype), kept across calls: a fresh 2 MiB buffer per call costs
+    its page faults every time (comparable to the dequant itself). A few MiB in all."""
+    key = (k, width, dtype)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = torch.empty((k, width), dtype=dtype)
+    return _WORKSPACES[key]
 
 
 def prepare_dequant(qweight, qzeros, scales, g_idx, bits: int, checkpoint_format: str,

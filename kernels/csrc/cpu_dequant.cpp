@@ -108,14 +108,21 @@ void check_common(const torch::Tensor& scale, const torch::Tensor& offset) {
 
 }  // namespace
 
-torch::Tensor dequant_int4pack(torch::Tensor packed, torch::Tensor scale, torch::Tensor offset,
-                               int64_t group_size, int64_t n0, int64_t n1, at::ScalarType dtype) {
+void check_out(const torch::Tensor& out, int64_t K, int64_t width) {
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == K && out.size(1) == width,
+              "out must be a contiguous [K, n1 - n0] tile");
+}
+
+// Writes into `out` (reused across tiles and calls by the caller: no page faults per tile).
+void dequant_int4pack(torch::Tensor packed, torch::Tensor scale, torch::Tensor offset,
+                      int64_t group_size, int64_t n0, int64_t n1, torch::Tensor out) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2, "packed");
   check_common(scale, offset);
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
   TORCH_CHECK(N % 64 == 0 && n0 % 64 == 0 && n1 % 64 == 0 && 0 <= n0 && n0 < n1 && n1 <= N, "n range");
   TORCH_CHECK(K % group_size == 0 && scale.size(0) == K / group_size && scale.size(1) == N, "groups");
-  auto out = torch::empty({K, n1 - n0}, packed.options().dtype(dtype));
+  check_out(out, K, n1 - n0);
+  const auto dtype = out.scalar_type();
   const auto* p = packed.data_ptr<uint8_t>();
   if (dtype == at::kFloat)
     int4pack_to_wt<float>(p, scale.data_ptr<float>(), offset.data_ptr<float>(),
@@ -128,17 +135,17 @@ torch::Tensor dequant_int4pack(torch::Tensor packed, torch::Tensor scale, torch:
                              reinterpret_cast<_Float16*>(out.data_ptr()), K, N, group_size, n0, n1);
   else
     TORCH_CHECK(false, "dtype must be fp32, bf16 or fp16");
-  return out;
 }
 
-torch::Tensor dequant_rows(torch::Tensor q, torch::Tensor g_idx, torch::Tensor scale, torch::Tensor offset,
-                           int64_t n0, int64_t n1, at::ScalarType dtype) {
+void dequant_rows(torch::Tensor q, torch::Tensor g_idx, torch::Tensor scale, torch::Tensor offset,
+                  int64_t n0, int64_t n1, torch::Tensor out) {
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 2, "q uint8 [K, N]");
   TORCH_CHECK(g_idx.scalar_type() == at::kLong && g_idx.is_contiguous() && g_idx.size(0) == q.size(0), "g_idx");
   check_common(scale, offset);
   const int64_t K = q.size(0), N = q.size(1);
   TORCH_CHECK(0 <= n0 && n0 < n1 && n1 <= N && scale.size(1) == N, "n range");
-  auto out = torch::empty({K, n1 - n0}, q.options().dtype(dtype));
+  check_out(out, K, n1 - n0);
+  const auto dtype = out.scalar_type();
   const auto* p = q.data_ptr<uint8_t>();
   const auto* g = g_idx.data_ptr<int64_t>();
   if (dtype == at::kFloat)
@@ -151,10 +158,9 @@ torch::Tensor dequant_rows(torch::Tensor q, torch::Tensor g_idx, torch::Tensor s
                          reinterpret_cast<_Float16*>(out.data_ptr()), K, N, n0, n1);
   else
     TORCH_CHECK(false, "dtype must be fp32, bf16 or fp16");
-  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dequant_int4pack", &dequant_int4pack, "int4pack layout -> W^T [K, n1-n0]");
-  m.def("dequant_rows", &dequant_rows, "uint8 [K, N] rows -> W^T [K, n1-n0]");
+  m.def("dequant_int4pack", &dequant_int4pack, "int4pack layout -> out = W^T [K, n1-n0]");
+  m.def("dequant_rows", &dequant_rows, "uint8 [K, N] rows -> out = W^T [K, n1-n0]");
 }
