@@ -212,3 +212,20 @@ def test_config_reads_other_tools_spellings():
     c = GPTQPluginConfig.from_config({"bits": 4, "group_size": 128})
     assert c.qcfg.checkpoint_format == "gptq" and c.qcfg.sym
     assert dataclasses.replace(c.qcfg) == c.qcfg
+
+
+def test_cli_generate_prints_the_reference_text(capsys):
+    """`vllm-gptq generate` (vllm_gptq_plugin.generate) prints what the reference decodes."""
+    import transformers
+
+    from vllm_gptq_plugin import cli
+    path = checkpoint("sym4")
+    prompts = PROMPTS[:2]
+    assert cli.main(["generate", str(path), "--prompt", prompts[0], "--prompt", prompts[1],
+                     "--max-tokens", "8", "--dtype", "float32", "--max-model-len", "256"]) == 0
+    printed = capsys.readouterr().out
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    for prompt, (tokens, _) in zip(prompts, reference_greedy(path, tokenize(path, prompts), 8)):
+        eos = tokens.index(tok.eos_token_id) + 1 if tok.eos_token_id in tokens else len(tokens)
+        text = tok.decode(tokens[:eos], skip_special_tokens=True)
+        assert f"### prompt: {prompt}\n{text}\n" in printed
