@@ -1,0 +1,178 @@
+"""vLLM offline throughput, side by side: the fp model (bf16), our 4-bit checkpoint through
+`gptq-plugin`, and vLLM's built-in `gptq` on the same checkpoint (where it applies: 4-bit sym, no
+act-order). Generated tokens/s at batch 1, 4, 16, 64 (fixed prompt and output lengths, ignore_eos,
+greedy) and the bytes of weights the engine keeps resident.
+
+    python benchmarks/serving.py                       # SmolLM2, RTN 4-bit g64 sym checkpoint (made once)
+    python benchmarks/serving.py --checkpoint CKPT     # any of our checkpoints
+    python benchmarks/serving.py --quick               # smoke: tiny model, batch 1 and 4, few tokens
+
+Each engine runs in its own subprocess (one engine per process; clean memory numbers). On CPU set
+VLLM_CPU_KVCACHE_SPACE (GiB; default here 2) and, for stable numbers, nothing else running.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("VLLM_GPTQ_CACHE", ROOT / ".cache"))
+
+
+# ---------------------------------------------------------------------------------------------
+# One engine (runs in a subprocess: `serving.py --worker ...`)
+# ---------------------------------------------------------------------------------------------
+
+def resident_weight_bytes(model) -> int:
+    """Parameters and buffers of the model plus the tensors our kernels prepared (counted once)."""
+    import torch
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+
+    for t in list(model.parameters()) + list(model.buffers()):
+        add(t)
+    for m in model.modules():
+        for w in getattr(m, "gptq_weights", []):
+            for t in vars(getattr(w, "impl", w)).values():
+                add(t)
+    return total
+
+
+def worker(args) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: apply_model reads weights
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(args.model, quantization=args.quantization, dtype=args.dtype, enforce_eager=True,
+              max_model_len=args.prompt_len + args.output_len + 8, max_num_seqs=max(args.batches),
+              seed=0)
+    weight_bytes = llm.apply_model(resident_weight_bytes)[0]
+    vocab = llm.get_tokenizer().vocab_size
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+
+    def prompts(n, offset):  # distinct fixed-length prompts (no prefix-cache hits across requests)
+        return [TokensPrompt(prompt_token_ids=[(offset + 7919 * i + 31 * j) % (vocab - 100) + 50
+                                               for j in range(args.prompt_len)]) for i in range(n)]
+
+    llm.generate(prompts(2, 1), SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    result = {"weight_bytes": weight_bytes, "tok_s": {}}
+    for b in args.batches:
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts(b, 1000 * b), params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert generated == b * args.output_len, (generated, b, args.output_len)
+        result["tok_s"][str(b)] = generated / dt
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+def builtin_applies(checkpoint: Path) -> tuple[bool, str]:
+    from vllm_gptq_plugin import format as fmt
+    cfg = fmt.read_quant_config(checkpoint)
+    if cfg.bits != 4 or not cfg.sym or cfg.desc_act or cfg.dynamic:
+        return False, f"built-in gptq serves 4-bit sym without act-order only (this is {cfg.bits}-bit)"
+    return True, ""
+
+
+def run_variant(name: str, model: Path, quantization: str | None, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--model", str(model), "--dtype", args.dtype,
+           "--quantization", quantization or "none", "--prompt-len", str(args.prompt_len),
+           "--output-len", str(args.output_len), "--batches", ",".join(map(str, args.batches))]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        print(f"[{name}] failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return {"error": f"exit {proc.returncode}"}
+    out = json.loads(lines[-1][len("RESULT "):])
+    print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return out
+
+
+def default_models(args) -> tuple[Path, Path]:
+    from vllm_gptq_plugin import format as fmt
+    from vllm_gptq_plugin.offline_quant import models, rtn
+    if args.quick:
+        base = models.tiny_model("llama", CACHE / "tiny-llama-v1", cache=CACHE)
+        name = "bench-tiny-q4g64"
+    else:
+        base = models.fetch_smollm2(CACHE / "smollm2")
+        name = "bench-smollm2-rtn-q4g64"
+    base = Path(args.model) if args.model else base
+    ckpt = Path(args.checkpoint) if args.checkpoint else CACHE / name
+    if not (ckpt / "config.json").exists():
+        print(f"making {ckpt} (RTN 4-bit g64 sym) from {base}", file=sys.stderr)
+        rtn.quantize_model(base, ckpt, fmt.QuantConfig(bits=4, group_size=64, sym=True))
+    return base, ckpt
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="fp model folder (default: SmolLM2-135M-Instruct, or the tiny model with --quick)")
+    p.add_argument("--checkpoint", help="quantized checkpoint (default: RTN 4-bit g64 sym of --model, made once)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--batches", default="1,4,16,64")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny model, batch 1,4, 8 tokens")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per engine")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--quantization", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in str(args.batches).split(",")]
+    if args.worker:
+        args.quantization = None if args.quantization == "none" else args.quantization
+        worker(args)
+        return 0
+    if args.quick:
+        args.batches, args.prompt_len, args.output_len = [1, 4], 16, 8
+
+    base, ckpt = default_models(args)
+    variants = [("fp (bf16)" if args.dtype == "bfloat16" else f"fp ({args.dtype})", base, None),
+                ("gptq-plugin", ckpt, "gptq-plugin")]
+    ok, why = builtin_applies(ckpt)
+    variants.append(("built-in gptq", ckpt, "gptq") if ok else ("built-in gptq", None, why))
+    results = {}
+    for name, model, quant in variants:
+        results[name] = run_variant(name, model, quant, args) if model else {"error": quant}
+
+    print(f"\nvLLM offline throughput: {base.name} vs {ckpt.name}, dtype {args.dtype}, prompt "
+          f"{args.prompt_len} + output {args.output_len} tokens, generated tokens/s")
+    header = f"| {'engine':<15} | " + " | ".join(f"batch {b:>3}" for b in args.batches) + " | weights MiB |"
+    print(header)
+    print("|" + "|".join("-" * (len(c) - 1) + ":" for c in header.strip("|").split("|")) + "|")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name:<15} | " + " | ".join(f"{'n/a':>9}" for _ in args.batches) + f" | {'n/a':>11} |"
+                  f"  {r['error']}")
+            continue
+        cells = " | ".join(f"{r['tok_s'][str(b)]:>9.1f}" for b in args.batches)
+        print(f"| {name:<15} | {cells} | {r['weight_bytes'] / 2**20:>11.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()
+                                                        if isinstance(v, (int, str, list, type(None)))},
+                                               "results": results}, indent=2))
+    return 0 if all("error" not in r for n, r in results.items() if n != "built-in gptq") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
