@@ -83,6 +83,9 @@ def gptq_gemm(x: torch.Tensor, w: PreparedWeights, bias: torch.Tensor | None = N
         from . import triton_gemm
         return triton_gemm.triton_gemm(x, w.impl, bias)
     impl = w.impl
+    if x.numel() == 0:  # torch's int4pack kernel refuses M = 0
+        y = x.new_zeros(*x.shape[:-1], w.out_features)
+        return y if bias is None else y + bias.to(y.dtype)
     x2 = x.reshape(-1, w.in_features).to(w.dtype)
     if impl.perm is not None:
         x2 = x2.index_select(1, impl.perm)

@@ -125,3 +125,15 @@ def test_column_tiles_match_reference_with_and_without_extension(monkeypatch, co
         w = prepare(**t, bits=bits, dtype=dtype)
         x = torch.randn(33, k).to(dtype)
         assert_close(gptq_gemm(x, w), reference(x, t, bits, "gptq"), dtype)
+
+
+@pytest.mark.parametrize("m", [0, 1, 40])
+def test_batched_noncontiguous_and_empty_inputs(m):
+    t = random_layer(128, 256, 4, 128, act_order=True, seed=2)
+    w = prepare(**t, bits=4, dtype=torch.bfloat16)
+    x = torch.randn(2, m, 512).bfloat16()[..., ::2]  # [2, m, 256], stride 2 along K
+    bias = torch.randn(128).bfloat16()
+    y = gptq_gemm(x, w, bias)
+    assert y.shape == (2, m, 128)
+    if m:
+        assert_close(y, reference(x, t, 4, "gptq", bias), torch.bfloat16)
