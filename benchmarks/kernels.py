@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/kernels.py            # 4096x4096 and 4096x11008 (K x N), M 1..256
     .venv/bin/python benchmarks/kernels.py --quick    # small shapes, a smoke run (seconds)
+    python benchmarks/kernels.py --gpu                # Triton vs cuBLAS fp16, 4096x4096 and 4096x14336
 
 Columns per shape, M and bits: dense bf16 and fp32 F.linear (ms); gptq_gemm with bf16 activations
 (ms) and the path the dispatch took; both candidate paths of int4pack layers forced (int4pack kernel,
@@ -40,6 +41,26 @@ def path_taken(w: kernels.PreparedWeights, m: int) -> str:
     return "dequant-tiles"
 
 
+def gpu_table(args) -> None:
+    """Triton dequant-GEMM vs fp16 cuBLAS (torch.matmul), timed with CUDA events via triton's do_bench."""
+    from triton.testing import do_bench
+    shapes = [(4096, 4096), (4096, 14336)]
+    print(f"{torch.cuda.get_device_name()}, fp16, group_size {args.group_size}, act_order {args.act_order}")
+    print(f"{'K x N':>11} {'M':>4} {'bits':>4} {'cuBLAS':>8} {'triton':>8} {'speedup':>7}")
+    for k, n in shapes:
+        dense = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        layers = {bits: kernels.prepare(**{name: t.cuda() for name, t in random_layer(
+            n, k, bits, args.group_size, act_order=args.act_order).items()}, bits=bits, dtype=torch.float16)
+            for bits in args.bits}
+        for m in args.ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            t_dense = do_bench(lambda: torch.matmul(x, dense.t()))
+            for bits, w in layers.items():
+                t_q = do_bench(lambda: kernels.gptq_gemm(x, w))
+                print(f"{f'{k}x{n}':>11} {m:>4} {bits:>4} {t_dense:>8.4f} {t_q:>8.4f} {t_dense / t_q:>6.2f}x",
+                      flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes and short timings (smoke run)")
@@ -48,7 +69,12 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--gpu", action="store_true", help="Triton on CUDA vs cuBLAS fp16 (needs a GPU)")
     args = p.parse_args()
+    if args.gpu:
+        if not torch.cuda.is_available():
+            p.error("--gpu needs a CUDA device (this torch sees none)")
+        return gpu_table(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [(512, 512), (512, 1408)] if args.quick else [(4096, 4096), (4096, 11008)]
