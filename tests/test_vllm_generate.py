@@ -229,3 +229,21 @@ def test_cli_generate_prints_the_reference_text(capsys):
         eos = tokens.index(tok.eos_token_id) + 1 if tok.eos_token_id in tokens else len(tokens)
         text = tok.decode(tokens[:eos], skip_special_tokens=True)
         assert f"### prompt: {prompt}\n{text}\n" in printed
+
+
+def test_quantize_config_json_alone_is_read(tmp_path):
+    """Older AutoGPTQ checkpoints keep the settings only in quantize_config.json: vLLM then builds
+    the config with no arguments and maybe_update_config reads the file (and checks the tensors)."""
+    import json
+    import shutil
+
+    from vllm_gptq_plugin.vllm_config import GPTQPluginConfig
+    path = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("bits3"), path)
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["quantization_config"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    c = GPTQPluginConfig()
+    c.maybe_update_config(str(path))
+    assert (c.qcfg.bits, c.qcfg.group_size, c.qcfg.sym) == (3, 64, False)
+    assert "model.layers.1.mlp.down_proj" in c.quantized_modules

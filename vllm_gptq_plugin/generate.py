@@ -24,14 +24,14 @@ def add_arguments(p) -> None:
                    help=f"vLLM quantization method (default {QUANT_NAME}; 'none' for an fp model)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--kv-cache-gib", type=float, default=1.0,
+    p.add_argument("--kv-cache-gib", type=int, default=1,
                    help="CPU KV cache size (sets VLLM_CPU_KVCACHE_SPACE if unset)")
     p.add_argument("--no-enforce-eager", action="store_true", help="allow graph capture / torch.compile")
     p.add_argument("--seed", type=int, default=0)
 
 
 def run(args) -> int:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(args.kv_cache_gib))))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
     from vllm import LLM, SamplingParams
 
     llm = LLM(args.model, quantization=None if args.quantization == "none" else args.quantization,
