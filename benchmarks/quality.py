@@ -95,8 +95,8 @@ def main() -> int:
     cache: dict = {}
     fp = {e: ppl(args, args.model, e, cache) for e in EVALS}
 
-    print(f"\nSmolLM2-135M-Instruct fp32 (caveat: its weights are a dequantized Q4_1 GGUF, 4-bit in blocks "
-          f"of 32 with float mins: the 'fp' model is itself a 4-bit model)")
+    print(f"\nmodel: {args.model}\ncaveat: SmolLM2's weights are a dequantized Q4_1 GGUF (4-bit, blocks of "
+          "32, float mins): its 'fp' model is itself a 4-bit model")
     print(f"table 1: calibration {args.calib} {args.nsamples}x{args.seqlen} seed 0; perplexity at ctx "
           f"{args.ctx} on {args.max_tokens} tokens of each eval split; ratio = (GPTQ-fp)/(RTN-fp)")
     head = f"{'config':<18} {'method':<6} " + " ".join(f"{e:>17}" for e in EVALS) + \
