@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 DAMP_STEP = 10.0  # on a failed Cholesky, damp_percent is multiplied by this ...
 DAMP_CAP = 1.0    # ... while it stays <= DAMP_CAP; after that the layer falls back to RTN
 SUB_BLOCK = 16    # columns per rank-1-update tile inside a block (a performance knob only)
+CHOLESKY_BLOCK = 512  # block size of _upper_cholesky_ (a performance knob only)
 
 
 class NonFiniteActivations(ValueError):
@@ -110,8 +111,8 @@ class GPTQ:
         cfg.meta["mse"] (default False). cfg.meta "mse_maxshrink" / "mse_norm" / "mse_grid" tune it.
         """
         tick = time.perf_counter()
-        W = self.layer.weight.detach().to(torch.float32, copy=True)
         H = self.H
+        W = self.layer.weight.detach().to(H.dtype, copy=True)  # the solve runs in H's dtype: fp32
         N, K = W.shape
         gs = K if cfg.group_size == -1 else cfg.group_size
         assert K % gs == 0, f"group_size {gs} must divide in_features {K}"
@@ -149,10 +150,7 @@ class GPTQ:
         # group of each column in quantization order
         gperm = perm // gs if static_groups else torch.arange(K, device=W.device) // gs
 
-        # H in reversed quantization order (act-order and reversal in one gather): see _reverse_cholesky
-        rev = perm.flip(0)
-        V, percdamp, escalations = _reverse_cholesky(H[rev[:, None], rev] if cfg.desc_act else H.flip(0, 1),
-                                                     cfg.damp_percent)
+        V, percdamp, escalations = _upper_cholesky(H, perm if cfg.desc_act else None, cfg.damp_percent)
         stats.update(damp_percent=percdamp, damp_escalations=escalations, fallback=None)
         if V is None:
             log.warning("GPTQ: Hessian of layer %s is not positive definite even with damp_percent %g: "
@@ -168,13 +166,14 @@ class GPTQ:
         maxq = 2 ** cfg.bits - 1
         # Results are gathered transposed, [K, N], so each block's rows land in their original column
         # positions with a contiguous row copy; q and Q are returned as [N, K] views of them.
-        QT = torch.empty(K, N, device=W.device)
+        QT = torch.empty(K, N, dtype=W.dtype, device=W.device)
         qT = torch.empty(K, N, dtype=torch.int32, device=W.device)
         loss = 0.0
         for i1 in range(0, K, blocksize):
             i2 = min(i1 + blocksize, K)
             count = i2 - i1
-            Hinv1 = torch.linalg.solve_triangular(V[i1:i2, i1:i2], torch.eye(count, device=W.device), upper=True)
+            Hinv1 = torch.linalg.solve_triangular(V[i1:i2, i1:i2].triu(), torch.eye(count, dtype=W.dtype, device=W.device),
+                                                 upper=True)
             W1 = W[:, i1:i2]
             if i1:  # the lazy-batch update; W[:, :i1] holds W - Q of the quantized columns by now
                 W1 = W1 + (W[:, :i1] @ V[:i1, i1:i2]) @ Hinv1
@@ -229,29 +228,50 @@ class GPTQ:
         self.H = None
 
 
-def _reverse_cholesky(Hrev: torch.Tensor, percdamp: float):
-    """Upper V with H + damp*I = V V^T, given Hrev = H with rows and columns reversed (damped in place).
+def _upper_cholesky(H: torch.Tensor, perm: torch.Tensor | None, percdamp: float):
+    """Upper triangular V with H[perm][:, perm] + damp*I = V V^T, damp = percdamp * mean(diag H).
 
-    If Hrev = L L^T (lower L), reversing rows and columns of both sides gives H = V V^T with V = L
-    reversed, which is upper triangular. damp = percdamp * mean(diag H); percdamp is multiplied by
-    DAMP_STEP while Cholesky fails, up to DAMP_CAP. Returns (V or None, percdamp, escalations).
+    percdamp is multiplied by DAMP_STEP while the factorization fails, up to DAMP_CAP. Returns
+    (V or None, percdamp used, escalations). Only V's upper triangle is meaningful (below it lies what
+    is left of H). H is not modified.
     """
-    mean_diag = float(Hrev.diagonal().mean())
-    damp = 0.0
+    mean_diag = float(H.diagonal().mean())
     escalations = 0
     while True:
-        Hrev.diagonal().add_(percdamp * mean_diag - damp)
-        damp = percdamp * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hrev)
-        if int(info) == 0 and math.isfinite(mean_diag) and mean_diag > 0:
-            del Hrev
-            return L.flip(0, 1), percdamp, escalations
-        del L
+        A = H[perm[:, None], perm] if perm is not None else H.clone()
+        A.diagonal().add_(percdamp * mean_diag)
+        if math.isfinite(mean_diag) and mean_diag > 0 and _upper_cholesky_(A):
+            return A, percdamp, escalations
+        del A
         if percdamp * DAMP_STEP > DAMP_CAP * (1 + 1e-9):
             return None, percdamp, escalations
         log.info("GPTQ: Cholesky failed at damp_percent %g, retrying with %g", percdamp, percdamp * DAMP_STEP)
         percdamp *= DAMP_STEP
         escalations += 1
+
+
+def _upper_cholesky_(A: torch.Tensor) -> bool:
+    """A = V V^T with V upper triangular, V written over A's upper triangle; False if A is not PD.
+
+    Blocked, from the last block column to the first: block column k of V is its block of A minus the
+    contributions of the columns to its right (one GEMM), then the diagonal block is factored and the
+    blocks above it solved against it. In place, and on this CPU faster than LAPACK's potrf.
+    """
+    K, nb = A.shape[0], CHOLESKY_BLOCK
+    for k1 in range(K, 0, -nb):
+        k0 = max(k1 - nb, 0)
+        if k1 < K:
+            A[:k1, k0:k1].addmm_(A[:k1, k1:], A[k0:k1, k1:].t(), alpha=-1)
+        with _threads(1):
+            # upper factor of the small diagonal block: the lower one of it reversed, reversed back
+            L, info = torch.linalg.cholesky_ex(A[k0:k1, k0:k1].flip(0, 1))
+        if int(info) != 0:
+            return False
+        Vkk = L.flip(0, 1)
+        A[k0:k1, k0:k1] = Vkk
+        if k0:  # V[:k0, k] = A[:k0, k] Vkk^-T
+            A[:k0, k0:k1] = torch.linalg.solve_triangular(Vkk.t(), A[:k0, k0:k1], upper=False, left=False)
+    return True
 
 
 def _dequantize(q, zeros, scales, g_idx) -> torch.Tensor:

@@ -9,9 +9,19 @@ import torch
 
 from vllm_gptq_plugin import format as fmt
 from vllm_gptq_plugin.offline_quant import grid, rtn
+from vllm_gptq_plugin.offline_quant import gptq as gptq_mod
 from vllm_gptq_plugin.offline_quant.gptq import GPTQ, NonFiniteActivations
 
 N, K, TOKENS = 64, 256, 2048
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small shapes: a second thread only adds synchronisation (and the CI box has two cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def make_layer(seed=0, n=N, k=K):
@@ -69,8 +79,8 @@ def obs_reference(W, H, cfg):
             scale, zero = groups[int(perm[i]) // gs]
         elif i % gs == 0:
             scale, zero = params(W[:, i:i + gs])
-        w = W[:, i].float()
-        Q[:, i] = grid.dequantize(grid.quantize(w, scale, zero, cfg.bits), scale, zero).double()
+        scale, zero = scale.double(), zero.double()
+        Q[:, i] = scale * (torch.clamp(torch.round(W[:, i] / scale) + zero, 0, 2 ** cfg.bits - 1) - zero)
         d = Hinv[i, i]
         loss += float(((W[:, i] - Q[:, i]) ** 2 / d).sum()) / 2
         W[:, i:] -= ((W[:, i] - Q[:, i]) / d)[:, None] * Hinv[i, i:][None, :]
@@ -93,17 +103,47 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("cholesky_block", [512, 96])
 @pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
-def test_equals_slow_obs(kw):
+def test_equals_slow_obs(kw, cholesky_block, monkeypatch):
+    """In fp64 (the solve runs in H's dtype) lazy blocks, the Cholesky form and act-order change nothing:
+    the same levels and grids as the textbook OBS, Q equal to rounding."""
+    monkeypatch.setattr(gptq_mod, "CHOLESKY_BLOCK", cholesky_block)  # 96: blocks that don't align
+    cfg = fmt.QuantConfig(**kw)
+    layer = make_layer().double()
+    X = correlated_inputs().double()
+    g = GPTQ(layer, name="test.layer")
+    g.H = 2 * X.t() @ X / X.shape[0]
+    res = g.fasterquant(cfg, blocksize=128)
+    Q_ref, loss_ref = obs_reference(layer.weight.detach(), g.H, cfg)
+    torch.testing.assert_close(res.Q, Q_ref.double(), rtol=0, atol=1e-9)
+    assert res.stats["loss"] == pytest.approx(loss_ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_fp32_solve_matches_slow_obs(kw):
+    """In fp32 a weight sitting on a level boundary can round the other way, and its row then follows a
+    slightly different path: the loss agrees to fp32 noise and nearly all levels are the same."""
     cfg = fmt.QuantConfig(**kw)
     res, H, layer, _ = run_gptq(cfg, blocksize=128)
     Q_ref, loss_ref = obs_reference(layer.weight.detach(), H, cfg)
-    step = res.scales.max()
-    # fp32 rounding may move a weight sitting on a level boundary to the neighbouring level; allow a
-    # handful, and require everything else to agree to fp32 precision.
-    close = (res.Q - Q_ref).abs() <= 1e-4 * step
-    assert close.float().mean() >= 0.999, f"{int((~close).sum())} of {close.numel()} weights differ"
-    assert res.stats["loss"] == pytest.approx(loss_ref, rel=1e-3)
+    close = (res.Q - Q_ref).abs() <= 1e-4 * res.scales.max()
+    assert close.float().mean() >= 0.98, f"{int((~close).sum())} of {close.numel()} weights differ"
+    assert res.stats["loss"] == pytest.approx(loss_ref, rel=5e-3)
+
+
+@pytest.mark.parametrize("k,block", [(200, 64), (256, 512), (300, 100)])
+def test_blocked_upper_cholesky(k, block, monkeypatch):
+    monkeypatch.setattr(gptq_mod, "CHOLESKY_BLOCK", block)
+    X = torch.randn(2 * k, k, dtype=torch.float64)
+    H = X.t() @ X / k
+    A = H.clone()
+    assert gptq_mod._upper_cholesky_(A)
+    V = A.triu()
+    torch.testing.assert_close(V @ V.t(), H, rtol=0, atol=1e-10)
+    assert (V.diagonal() > 0).all()
+    H[k // 2, k // 2] = -1  # not positive definite
+    assert not gptq_mod._upper_cholesky_(H.clone())
 
 
 def test_blocksize_does_not_change_result():
