@@ -10,20 +10,21 @@ Shapes: W [N, K] = [rows, columns] (nn.Linear: out x in), H [K, K], G groups of 
 Grid (offline_quant/grid.py, docs/FORMAT.md): Q = scale * (q - zero), per output row and group.
 
 The solve is the paper's Algorithm 1 (lazy batches of `blocksize` columns, per-column quantization with
-error feedback through the upper Cholesky factor of H^-1, called Hinv as in the paper) with two changes
-that do not change the result, only its cost:
+error feedback through the upper Cholesky factor of H^-1, called Hinv as in the paper) with changes
+that do not change the result (tests/test_gptq.py checks it against a textbook OBS), only its cost:
 
-- Hinv is never formed. If H = V V^T with V upper triangular (the Cholesky factor of H with rows and
-  columns reversed), then H^-1 = U^T U with U = V^-1: U is the paper's Cholesky(H^-1)^T. One Cholesky
-  replaces the reference's Cholesky, cholesky_inverse and second Cholesky (1/4 of the flops, and no
-  explicit inverse to lose precision in fp32). Only U's diagonal blocks are needed (Hinv1, 128x128).
+- Hinv is never formed. Factor H = V V^T with V upper triangular (Cholesky run from the last column
+  backwards, _upper_cholesky_); then H^-1 = U^T U with U = V^-1 upper, so U is the paper's
+  Hinv = Cholesky(H^-1)^T. One factorization (K^3/3 flops, in place) replaces the reference's Cholesky,
+  cholesky_inverse and second Cholesky (4K^3/3), and no explicit inverse loses precision in fp32. Only
+  U's diagonal blocks are needed (Hinv1 = V1^-1, 128x128).
 - The lazy-batch update is left-looking. The paper's errors satisfy W - Q = Err U, so the update a block
   receives from all earlier columns, -Err[:, :i1] @ Hinv[:i1, i1:i2], equals
-  (W - Q)[:, :i1] @ V[:i1, i1:i2] @ Hinv1. One GEMM with a long inner dimension per block instead of a
+  (W - Q)[:, :i1] @ V[:i1, i1:i2] @ Hinv1: one GEMM with a long inner dimension per block instead of a
   rank-128 update of every later column.
-
-The per-column loop runs on a transposed block ([count, N], each column contiguous) with one thread:
-its ops are small, and on a busy 2-core machine thread synchronisation costs more than they do.
+- The per-column loop runs on a transposed block ([count, N], each column contiguous), in sub-blocks of
+  SUB_BLOCK columns, with one thread: its ops are small, and on a busy 2-core machine thread
+  synchronisation costs more than they do. The big GEMMs use torch's thread setting.
 """
 from __future__ import annotations
 
