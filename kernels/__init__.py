@@ -56,8 +56,12 @@ def choose_backend(device: torch.device, bits: int, g_idx: torch.Tensor, out_fea
 
 
 def prepare(qweight, qzeros, scales, g_idx, *, bits: int, checkpoint_format: str = "gptq",
-            dtype: torch.dtype = torch.float16, backend: str | None = None) -> PreparedWeights:
-    """Check and repack one layer's checkpoint tensors; `backend` overrides the dispatch (tests)."""
+            dtype: torch.dtype = torch.float16, backend: str | None = None,
+            act_order_mode: str = "permute") -> PreparedWeights:
+    """Check and repack one layer's checkpoint tensors; `backend` overrides the dispatch (tests).
+
+    act_order_mode ("permute" | "gather") picks how the Triton kernel serves act-order (triton_gemm);
+    the CPU paths always permute K once."""
     require(can_implement(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype))
     device = qweight.device
     k, n = g_idx.shape[0], scales.shape[1]
@@ -66,7 +70,8 @@ def prepare(qweight, qzeros, scales, g_idx, *, bits: int, checkpoint_format: str
         raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
     if backend == "triton":
         from . import triton_gemm  # lazy: importing triton on a CPU host switches on its interpreter
-        impl = triton_gemm.prepare_triton(qweight, qzeros, scales, g_idx, bits, checkpoint_format)
+        impl = triton_gemm.prepare_triton(qweight, qzeros, scales, g_idx, bits, checkpoint_format,
+                                          act_order_mode)
     elif backend == "int4pack":
         require(cpu.can_int4pack(bits, g_idx, n))
         impl = cpu.prepare_int4pack(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)

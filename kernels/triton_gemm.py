@@ -15,10 +15,14 @@ Tensors the kernel reads (T = activation dtype: fp16, bf16 or fp32; b = bits in 
     out      fp32   [SPLIT_K, M, N]  partial sums, one slab per K split, summed on the host
 
 W[n, k] = scales[g, n] * (q[k, n] - zeros[g, n]) with g = g_idx[k], computed in fp32 and rounded to T
-before the dot (what vllm_gptq_plugin.format.dequantize does). Act-order gathers scales/zeros per row
-of the K tile instead of permuting K once: it needs no permutation of X per call and serves TP shards.
-Without act-order the group is one scalar per K tile, because BLOCK_K is clamped to divide group_size
-(in `_clamp_block_k`, the one place that does it).
+before the dot (what vllm_gptq_plugin.format.dequantize does). Without act-order the group is one
+scalar per K tile, because BLOCK_K is clamped to divide group_size (in `_clamp_block_k`, the one place
+that does it). Act-order has two modes, chosen at prepare time:
+  "permute" (default where possible): qweight's K rows are sorted by group once (repacked, same size)
+            and X's columns are permuted per call (perm int64 [K]); the kernel then runs as without
+            act-order. Possible when the sorted g_idx is k // group_size (a whole act-order layer).
+  "gather": scales/zeros are gathered per K row inside the kernel; serves any g_idx, e.g. a
+            row-parallel TP shard whose g_idx points into the full scales.
 
 Under no GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 must be set before `triton`
 defines kernels, so this module sets it when torch sees no CUDA/ROCm device). The interpreter computes
@@ -58,7 +62,8 @@ def _gptq_gemm_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, out_
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
-    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # the last split may be short: no tile past K
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -103,9 +108,10 @@ class TritonWeights:
     scales: torch.Tensor
     g_idx: torch.Tensor
     bits: int
-    group_size: int   # K tile that shares one row of scales; 0 under act-order
+    group_size: int   # K tile that shares one row of scales; 0 for the "gather" act-order mode
     in_features: int
     out_features: int
+    perm: torch.Tensor | None = None  # "permute" act-order mode: x[:, perm] matches qweight's rows
 
 
 def _contiguous_group_size(g_idx: torch.Tensor, groups: int) -> int:
@@ -118,14 +124,28 @@ def _contiguous_group_size(g_idx: torch.Tensor, groups: int) -> int:
     return size if torch.equal(g_idx, trivial) else 0
 
 
-def prepare_triton(qweight, qzeros, scales, g_idx, bits: int, checkpoint_format: str) -> TritonWeights:
+ACT_ORDER_MODES = ("permute", "gather")
+
+
+def prepare_triton(qweight, qzeros, scales, g_idx, bits: int, checkpoint_format: str,
+                   act_order_mode: str = "permute") -> TritonWeights:
+    if act_order_mode not in ACT_ORDER_MODES:
+        raise ValueError(f"act_order_mode must be one of {ACT_ORDER_MODES}, got {act_order_mode!r}")
     zeros = fmt.unpack(qzeros, bits, dim=1) + fmt.zero_offset(checkpoint_format)
-    group_size = _contiguous_group_size(g_idx, scales.shape[0])
+    groups = scales.shape[0]
+    group_size = _contiguous_group_size(g_idx, groups)
+    perm = None
+    if not group_size and act_order_mode == "permute":
+        order = torch.argsort(g_idx.to(torch.int64), stable=True)
+        sorted_size = _contiguous_group_size(g_idx[order].contiguous(), groups)
+        if sorted_size % 16 == 0 and sorted_size:
+            qweight = fmt.pack(fmt.unpack(qweight, bits, dim=0)[order], bits, dim=0)
+            g_idx, perm, group_size = g_idx[order], order, sorted_size
     if group_size % 16:  # tl.dot needs BLOCK_K >= 16 dividing the group; gather instead
         group_size = 0
     return TritonWeights(qweight.contiguous(), zeros.to(torch.int16).contiguous(), scales.contiguous(),
                          g_idx.to(torch.int32).contiguous(), bits, group_size,
-                         g_idx.shape[0], scales.shape[1])
+                         g_idx.shape[0], scales.shape[1], perm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +197,8 @@ def triton_gemm(x: torch.Tensor, w: TritonWeights, bias: torch.Tensor | None = N
     k, n = w.in_features, w.out_features
     assert x.shape[-1] == k, f"x [..., {x.shape[-1]}] does not match K={k}"
     x2 = x.reshape(-1, k)
+    if w.perm is not None:
+        x2 = x2.index_select(1, w.perm)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]

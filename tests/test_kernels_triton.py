@@ -47,19 +47,23 @@ def test_matches_reference(bits, group_size, act_order, sym, checkpoint_format):
     n, k = 96, 256  # N=96 is not a multiple of BLOCK_N: exercises the N mask
     t = to_device(random_layer(n, k, bits, group_size, act_order=act_order, sym=sym,
                                checkpoint_format=checkpoint_format, seed=bits * 1000 + group_size))
-    w = prepare(**t, bits=bits, checkpoint_format=checkpoint_format, backend="triton")
-    assert (w.impl.group_size == 0) == act_order
+    # Act-order alternates between its two modes across the matrix (both cover every bits).
+    mode = "gather" if (group_size // 32 + (checkpoint_format == "gptq")) % 2 else "permute"
+    w = prepare(**t, bits=bits, checkpoint_format=checkpoint_format, backend="triton", act_order_mode=mode)
+    assert (w.impl.group_size == 0) == (act_order and mode == "gather")
+    assert (w.impl.perm is not None) == (act_order and mode == "permute")
     for dtype in DTYPES:
         for m in MS:
             x = torch.randn(m, k, device=DEVICE).to(dtype)
             assert_close(gptq_gemm(x, w), reference(x, t, bits, checkpoint_format), dtype)
 
 
+@pytest.mark.parametrize("mode", tg.ACT_ORDER_MODES)
 @pytest.mark.parametrize("split_k", [1, 3, 4])
-def test_split_k_and_bias_match_reference(split_k):
-    n, k, bits = 64, 512, 4
+def test_split_k_and_bias_match_reference(split_k, mode):
+    n, k, bits = 64, 512, 4  # split 3: the last split is shorter than the others
     t = to_device(random_layer(n, k, bits, 64, act_order=True, checkpoint_format="gptq_v2", seed=7))
-    w = tg.prepare_triton(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, "gptq_v2")
+    w = tg.prepare_triton(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, "gptq_v2", mode)
     x = torch.randn(2, 5, k, device=DEVICE)  # leading dims are flattened and restored
     bias = torch.randn(n, device=DEVICE)
     cfg = tg.TileConfig(16, 32, 64, split_k, 4, 2)
@@ -76,7 +80,8 @@ def test_tp_shard_g_idx_into_full_scales():
     shard = {"qweight": full["qweight"][words // 2:].contiguous(), "qzeros": full["qzeros"],
              "scales": full["scales"], "g_idx": full["g_idx"][k // 2:].contiguous()}
     shard = to_device(shard)
-    w = prepare(**shard, bits=bits, backend="triton")
+    w = prepare(**shard, bits=bits, backend="triton")  # asks for "permute": must fall back to gather
+    assert w.impl.perm is None and w.impl.group_size == 0
     x = torch.randn(3, k // 2, device=DEVICE)
     assert_close(gptq_gemm(x, w), reference(x, shard, bits, "gptq"), torch.float32)
 
