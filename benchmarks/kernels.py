@@ -45,13 +45,14 @@ def gpu_table(args) -> None:
     """Triton dequant-GEMM vs fp16 cuBLAS (torch.matmul), timed with CUDA events via triton's do_bench."""
     from triton.testing import do_bench
     shapes = [(4096, 4096), (4096, 14336)]
-    print(f"{torch.cuda.get_device_name()}, fp16, group_size {args.group_size}, act_order {args.act_order}")
+    print(f"{torch.cuda.get_device_name()}, fp16, group_size {args.group_size}, act_order {args.act_order} "
+          f"({args.act_order_mode}); ms per call")
     print(f"{'K x N':>11} {'M':>4} {'bits':>4} {'cuBLAS':>8} {'triton':>8} {'speedup':>7}")
     for k, n in shapes:
         dense = torch.randn(n, k, device="cuda", dtype=torch.float16)
         layers = {bits: kernels.prepare(**{name: t.cuda() for name, t in random_layer(
-            n, k, bits, args.group_size, act_order=args.act_order).items()}, bits=bits, dtype=torch.float16)
-            for bits in args.bits}
+            n, k, bits, args.group_size, act_order=args.act_order).items()}, bits=bits, dtype=torch.float16,
+            act_order_mode=args.act_order_mode) for bits in args.bits}
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             t_dense = do_bench(lambda: torch.matmul(x, dense.t()))
@@ -70,6 +71,8 @@ def main() -> None:
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--gpu", action="store_true", help="Triton on CUDA vs cuBLAS fp16 (needs a GPU)")
+    p.add_argument("--act-order-mode", choices=["permute", "gather"], default="permute",
+                   help="--gpu with --act-order: how the Triton kernel serves act-order")
     args = p.parse_args()
     if args.gpu:
         if not torch.cuda.is_available():
