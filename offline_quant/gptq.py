@@ -110,7 +110,13 @@ class GPTQ:
 
         mse: MSE-optimal clipping of every group's grid (grid.find_params(mse=True)); None reads
         cfg.meta["mse"] (default False). cfg.meta "mse_maxshrink" / "mse_norm" / "mse_grid" tune it.
+        Threads: the O(K^3) GEMMs use torch's current thread count, everything else one thread.
         """
+        threads = torch.get_num_threads()
+        with _threads(1):
+            return self._fasterquant(cfg, blocksize, mse, threads)
+
+    def _fasterquant(self, cfg: fmt.QuantConfig, blocksize: int, mse: bool | None, threads: int) -> GPTQResult:
         tick = time.perf_counter()
         H = self.H
         W = self.layer.weight.detach().to(H.dtype, copy=True)  # the solve runs in H's dtype: fp32
@@ -151,7 +157,7 @@ class GPTQ:
         # group of each column in quantization order
         gperm = perm // gs if static_groups else torch.arange(K, device=W.device) // gs
 
-        V, percdamp, escalations = _upper_cholesky(H, perm if cfg.desc_act else None, cfg.damp_percent)
+        V, percdamp, escalations = _upper_cholesky(H, perm if cfg.desc_act else None, cfg.damp_percent, threads)
         stats.update(damp_percent=percdamp, damp_escalations=escalations, fallback=None)
         if V is None:
             log.warning("GPTQ: Hessian of layer %s is not positive definite even with damp_percent %g: "
@@ -173,11 +179,12 @@ class GPTQ:
         for i1 in range(0, K, blocksize):
             i2 = min(i1 + blocksize, K)
             count = i2 - i1
-            Hinv1 = torch.linalg.solve_triangular(V[i1:i2, i1:i2].triu(), torch.eye(count, dtype=W.dtype, device=W.device),
-                                                 upper=True)
+            eye = torch.eye(count, dtype=W.dtype, device=W.device)
+            Hinv1 = torch.linalg.solve_triangular(V[i1:i2, i1:i2].triu(), eye, upper=True)  # V1^-1
             W1 = W[:, i1:i2]
             if i1:  # the lazy-batch update; W[:, :i1] holds W - Q of the quantized columns by now
-                W1 = W1 + (W[:, :i1] @ V[:i1, i1:i2]) @ Hinv1
+                with _threads(threads):
+                    W1 = torch.addmm(W1, W[:, :i1] @ V[:i1, i1:i2], Hinv1)
             W1 = W1.t().contiguous()  # [count, N]: column i of the block is the contiguous row W1[i]
             Q1 = torch.empty_like(W1)
             Err1 = torch.empty_like(W1)
@@ -187,26 +194,25 @@ class GPTQ:
             if static_groups:
                 S1, Z1 = scales[gperm[i1:i2]], zeros[gperm[i1:i2]]  # [count, N]: each column's grid
                 LO1, HI1 = -Z1, maxq - Z1
-            with _threads(1):
-                # Algorithm 1's column loop, in sub-blocks of SUB_BLOCK columns: a column's error goes to
-                # the rest of its sub-block at once (rank 1) and to the rest of the block one sub-block
-                # at a time (rank SUB_BLOCK), so the per-column work stays on a cache-sized tile.
-                for j1 in range(0, count, SUB_BLOCK):
-                    j2 = min(j1 + SUB_BLOCK, count)
-                    for i in range(j1, j2):
-                        if static_groups:
-                            scale, lo, hi = S1[i], LO1[i], HI1[i]
-                        elif (i1 + i) % gs == 0:
-                            # grid of the group starting here, from its weights updated so far
-                            scale, zero = find_params(W1[i:i + gs].t().contiguous())
-                            scales[(i1 + i) // gs], zeros[(i1 + i) // gs] = scale, zero
-                            lo, hi = -zero, maxq - zero
-                        # q = clamp(round(w / scale) + zero, 0, maxq), Q = scale * (q - zero)
-                        torch.div(w_[i], scale, out=l_[i]).round_().clamp_(lo, hi)
-                        torch.mul(l_[i], scale, out=q_[i])
-                        err1 = torch.sub(w_[i], q_[i], out=e_[i]).div_(d[i])
-                        W1[i + 1:j2].addr_(Hinv1[i, i + 1:j2], err1, alpha=-1)
-                    W1[j2:].addmm_(Hinv1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1)
+            # Algorithm 1's column loop, in sub-blocks of SUB_BLOCK columns: a column's error goes to
+            # the rest of its sub-block at once (rank 1) and to the rest of the block one sub-block
+            # at a time (rank SUB_BLOCK), so the per-column work stays on a cache-sized tile.
+            for j1 in range(0, count, SUB_BLOCK):
+                j2 = min(j1 + SUB_BLOCK, count)
+                for i in range(j1, j2):
+                    if static_groups:
+                        scale, lo, hi = S1[i], LO1[i], HI1[i]
+                    elif (i1 + i) % gs == 0:
+                        # grid of the group starting here, from its weights updated so far
+                        scale, zero = find_params(W1[i:i + gs].t().contiguous())
+                        scales[(i1 + i) // gs], zeros[(i1 + i) // gs] = scale, zero
+                        lo, hi = -zero, maxq - zero
+                    # q = clamp(round(w / scale) + zero, 0, maxq), Q = scale * (q - zero)
+                    torch.div(w_[i], scale, out=l_[i]).round_().clamp_(lo, hi)
+                    torch.mul(l_[i], scale, out=q_[i])
+                    err1 = torch.sub(w_[i], q_[i], out=e_[i]).div_(d[i])
+                    W1[i + 1:j2].addr_(Hinv1[i, i + 1:j2], err1, alpha=-1)
+                W1[j2:].addmm_(Hinv1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1)
             loss += float(Err1.square().sum()) / 2  # sum of the paper's Losses = (w - q)^2 / Hinv_ii^2 / 2
             W[:, i1:i2] -= Q1.t()
             QT.index_copy_(0, perm[i1:i2], Q1)
@@ -229,7 +235,7 @@ class GPTQ:
         self.H = None
 
 
-def _upper_cholesky(H: torch.Tensor, perm: torch.Tensor | None, percdamp: float):
+def _upper_cholesky(H: torch.Tensor, perm: torch.Tensor | None, percdamp: float, threads: int):
     """Upper triangular V with H[perm][:, perm] + damp*I = V V^T, damp = percdamp * mean(diag H).
 
     percdamp is multiplied by DAMP_STEP while the factorization fails, up to DAMP_CAP. Returns
@@ -241,7 +247,7 @@ def _upper_cholesky(H: torch.Tensor, perm: torch.Tensor | None, percdamp: float)
     while True:
         A = H[perm[:, None], perm] if perm is not None else H.clone()
         A.diagonal().add_(percdamp * mean_diag)
-        if math.isfinite(mean_diag) and mean_diag > 0 and _upper_cholesky_(A):
+        if math.isfinite(mean_diag) and mean_diag > 0 and _upper_cholesky_(A, threads):
             return A, percdamp, escalations
         del A
         if percdamp * DAMP_STEP > DAMP_CAP * (1 + 1e-9):
@@ -251,7 +257,7 @@ def _upper_cholesky(H: torch.Tensor, perm: torch.Tensor | None, percdamp: float)
         escalations += 1
 
 
-def _upper_cholesky_(A: torch.Tensor) -> bool:
+def _upper_cholesky_(A: torch.Tensor, threads: int = 1) -> bool:
     """A = V V^T with V upper triangular, V written over A's upper triangle; False if A is not PD.
 
     Blocked, from the last block column to the first: block column k of V is its block of A minus the
@@ -262,16 +268,17 @@ def _upper_cholesky_(A: torch.Tensor) -> bool:
     for k1 in range(K, 0, -nb):
         k0 = max(k1 - nb, 0)
         if k1 < K:
-            A[:k1, k0:k1].addmm_(A[:k1, k1:], A[k0:k1, k1:].t(), alpha=-1)
-        with _threads(1):
-            # upper factor of the small diagonal block: the lower one of it reversed, reversed back
-            L, info = torch.linalg.cholesky_ex(A[k0:k1, k0:k1].flip(0, 1))
+            with _threads(threads):
+                A[:k1, k0:k1].addmm_(A[:k1, k1:], A[k0:k1, k1:].t(), alpha=-1)
+        # upper factor of the small diagonal block: the lower one of it reversed, reversed back
+        L, info = torch.linalg.cholesky_ex(A[k0:k1, k0:k1].flip(0, 1))
         if int(info) != 0:
             return False
         Vkk = L.flip(0, 1)
         A[k0:k1, k0:k1] = Vkk
         if k0:  # V[:k0, k] = A[:k0, k] Vkk^-T
-            A[:k0, k0:k1] = torch.linalg.solve_triangular(Vkk.t(), A[:k0, k0:k1], upper=False, left=False)
+            with _threads(threads):
+                A[:k0, k0:k1] = torch.linalg.solve_triangular(Vkk.t(), A[:k0, k0:k1], upper=False, left=False)
     return True
 
 
