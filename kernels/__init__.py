@@ -8,10 +8,13 @@ them (`can_implement`, FormatError with the reason) and repacks them once for th
 Dispatch by device, bits, dtype and M happens here and nowhere else:
 
     CUDA/ROCm          -> triton_gemm (every bits / group size / act-order; split-K for small M)
-    CPU, bits <= 4,    -> int4pack: torch._weight_int4pack_mm_for_cpu for M <= INT4PACK_MAX_M,
-      N % 64 == 0,        else the weights are dequantized to T per call and one dense GEMM runs
+    CPU, bits <= 4,    -> int4pack: torch._weight_int4pack_mm_for_cpu for M <= INT4PACK_MAX_M, else
+      N % 64 == 0,        W^T dequantized in cache-sized column tiles (cpu_ext) + one GEMM per tile
       groups tile K
-    CPU, otherwise     -> dequant: unpacked uint8 weights, dequantized to T per call + dense GEMM
+    CPU, otherwise     -> dequant: uint8 weights, the same tiles + GEMM for every M (8-bit, odd N,
+                          act-order TP shards whose groups do not tile K)
+
+The CPU paths compute in T = prepare's dtype (x of another dtype is cast to T and the result back).
 """
 from __future__ import annotations
 
