@@ -3,13 +3,14 @@
 Tensors the kernel reads (T = activation dtype: fp16, bf16 or fp32; b = bits in {2, 3, 4, 8}):
 
     x        T      [M, K]           row-major, rows may be strided (stride_xm), columns contiguous
-    qweight  int32  [K * b / 32, N]  the checkpoint layout, unchanged: values packed along K as one
-                                     little-endian bit stream per column; for b = 3, values 10 and 21 of
-                                     every 32 straddle two words and are read from both
+    qweight  int32  [K * b / 32, N]  the checkpoint layout (K rows sorted by group in act-order's
+                                     "permute" mode): values packed along K as one little-endian bit
+                                     stream per column; for b = 3, values 10 and 21 of every 32
+                                     straddle two words and are read from both
     zeros    int16  [G, N]           repacked once by `prepare_triton`: the REAL zero points (v1's +1
                                      folded in), unpacked so that 3-bit and 8-bit need no special case
     scales   fp16/bf16/fp32 [G, N]   as in the checkpoint; converted to fp32 inside the kernel
-    g_idx    int32  [K]              group of input channel k; only read when ACT_ORDER (g_idx is not
+    g_idx    int32  [K]              group of input channel k; only read when GATHER_GROUPS (g_idx not
                                      k // group_size), so a row-parallel shard may point into more
                                      groups G than K / group_size
     out      fp32   [SPLIT_K, M, N]  partial sums, one slab per K split, summed on the host
@@ -44,11 +45,10 @@ import triton.language as tl  # noqa: E402
 from vllm_gptq_plugin import format as fmt  # noqa: E402
 
 
-
 @triton.jit
 def _gptq_gemm_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
                       M, N, K, K_PER_SPLIT, stride_xm,
-                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr,
+                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GATHER_GROUPS: tl.constexpr,
                       FP32_DOT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
@@ -80,7 +80,7 @@ def _gptq_gemm_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, out_
             hi = tl.load(w_ptrs + N, mask=w_mask & spill[:, None], other=0).to(tl.uint32, bitcast=True)
             q = q | (hi << ((32 - shift) % 32)[:, None])
         q = (q & ((1 << BITS) - 1)).to(tl.float32)
-        if ACT_ORDER:
+        if GATHER_GROUPS:  # act-order, "gather" mode: each K row names its group
             g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
             gs_mask = mask_k[:, None] & mask_n[None, :]
             s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=gs_mask, other=0.0)
@@ -212,7 +212,7 @@ def triton_gemm(x: torch.Tensor, w: TritonWeights, bias: torch.Tensor | None = N
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
     _gptq_gemm_kernel[grid](
         x2, w.qweight, w.zeros, w.scales, w.g_idx, out, m, n, k, k_per_split, x2.stride(0),
-        BITS=w.bits, GROUP_SIZE=max(w.group_size, 1), ACT_ORDER=w.group_size == 0,
+        BITS=w.bits, GROUP_SIZE=max(w.group_size, 1), GATHER_GROUPS=w.group_size == 0,
         FP32_DOT=x.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
