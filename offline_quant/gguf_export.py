@@ -21,13 +21,13 @@ block of 32 input channels lies inside one group, the block's d is s[g, n] and t
 cannot write a 2/3-bit type). Act-order without static groups puts input channels of one block in
 different groups, and 8-bit asymmetric zeros overflow int8: such layers are lossy. They are written
 only with `requantize=True` -- dequantized and re-quantized by gguf.quants (llama.cpp's reference
-quantizer) into the type above -- and the error that adds is measured and reported per layer.
+quantizer) into the type above or `requant_type` -- and the error that adds is measured and
+reported per layer. docs/GGUF.md is the user-facing version of this docstring.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import tempfile
@@ -39,7 +39,6 @@ import torch
 
 from vllm_gptq_plugin import format as fmt
 
-log = logging.getLogger(__name__)
 BLOCK = 32  # input channels per GGUF block for Q4_0 / Q4_1 / Q8_0
 REQUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # 32-blocks gguf.quants can write
 

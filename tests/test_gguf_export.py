@@ -209,6 +209,14 @@ def test_act_order_refuses_without_requantize_and_reports_error_with_it(name, ch
     assert all(f.qtype == "Q8_0" and f.sqnr_db > r.sqnr_db + 20 for r, f in zip(reports, finer))
 
 
+def test_8bit_asymmetric_is_lossy_because_zeros_leave_int8(tiny_llama, tmp_path):
+    ckpt = rtn.quantize_model(tiny_llama, tmp_path / "a8", fmt.QuantConfig(bits=8, group_size=128, sym=False))
+    with pytest.raises(fmt.FormatError, match="8-bit asymmetric.*--requantize"):
+        gguf_export.export(ckpt, tmp_path / "a8.gguf")
+    reports = gguf_export.export(ckpt, tmp_path / "a8.gguf", requantize=True)
+    assert all(r.qtype == "Q8_0" and not r.lossless and r.sqnr_db > 30 for r in reports)
+
+
 def test_unsupported_architecture_is_refused_by_the_cli(checkpoints, tmp_path, capsys):
     ckpt = tmp_path / "phi"
     shutil.copytree(checkpoints["sym4_g32"], ckpt)
@@ -238,31 +246,38 @@ def test_qwen2_exports_with_biases_and_reloads(tiny_qwen2, tmp_path):
 
 
 @pytest.mark.opt_in
-def test_smollm2_rtn4_g64_export_measurement(smollm2, tmp_path):
-    """The numbers docs/GGUF.md quotes: export time, file size, perplexity of the reloaded GGUF."""
+def test_smollm2_export_measurement(smollm2, tmp_path):
+    """The numbers docs/GGUF.md quotes: export time, file size, perplexity of the reloaded GGUF
+    against the checkpoint's (pure-torch reference), for SmolLM2-135M."""
     import time
 
     import transformers
     from vllm_gptq_plugin.offline_quant import data, ppl as ppl_mod
-    ckpt = rtn.quantize_model(smollm2, tmp_path / "rtn4", fmt.QuantConfig(bits=4, group_size=64, sym=True))
-    rows = []
-    for float_type in ("auto", "f16"):
-        out = tmp_path / f"smollm2-{float_type}.gguf"
-        start = time.perf_counter()
-        reports = gguf_export.export(ckpt, out, float_type=float_type)
-        rows.append((float_type, time.perf_counter() - start, out.stat().st_size / 2**20))
-        assert all(r.max_abs_err == 0 and r.qtype == "Q4_0" for r in reports)
-    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    sym4, asym4 = fmt.QuantConfig(bits=4, group_size=64, sym=True), fmt.QuantConfig(bits=4, group_size=64, sym=False)
+    ckpts = {"RTN 4-bit g64 sym": rtn.quantize_model(smollm2, tmp_path / "sym4", sym4),
+             "RTN 4-bit g64 asym": rtn.quantize_model(smollm2, tmp_path / "asym4", asym4),
+             "act-order 4-bit g64 sym": act_order_checkpoint(smollm2, tmp_path / "act4", sym4)}
+    cases = [("RTN 4-bit g64 sym", {}), ("RTN 4-bit g64 sym", {"float_type": "f16"}),
+             ("RTN 4-bit g64 asym", {}), ("act-order 4-bit g64 sym", {"requantize": True}),
+             ("act-order 4-bit g64 sym", {"requantize": True, "requant_type": "Q8_0"})]
+    tok = transformers.AutoTokenizer.from_pretrained(ckpts["RTN 4-bit g64 sym"])
     ids = data.encode(tok, data.resolve_text("shakespeare:eval"), 1024)
-    ppl_ref, n = ppl_mod.perplexity(loader.load_model(ckpt), ids, 512, 512, progress=False)
-    ppls = {}
-    for float_type, _, _ in rows:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path, gguf_file=f"smollm2-{float_type}.gguf", dtype=torch.float32)
-        ppls[float_type] = ppl_mod.perplexity(model, ids, 512, 512, progress=False)[0]
-    print(f"\nSmolLM2-135M RTN 4-bit g64 sym, shakespeare:eval {n} tokens (ctx 512): checkpoint ppl "
-          f"{ppl_ref:.6f}; checkpoint {fmt.validate(ckpt)['bytes'] / 2**20:.1f} MiB")
-    for float_type, seconds, mib in rows:
-        print(f"  GGUF --float-type {float_type}: export {seconds:.1f} s, {mib:.1f} MiB, "
-              f"reloaded ppl {ppls[float_type]:.6f} ({ppls[float_type] / ppl_ref - 1:+.2e} relative)")
-    assert abs(ppls["auto"] / ppl_ref - 1) < 1e-5  # bit-exact weights: float rounding only
+    ref_ppl = {name: ppl_mod.perplexity(loader.load_model(c), ids, 512, 512, progress=False)[0]
+               for name, c in ckpts.items()}
+    print(f"\nSmolLM2-135M-Instruct, shakespeare:eval first {ids.numel()} tokens, ctx 512, fp32 CPU")
+    print(f"{'checkpoint':<25} {'options':<46} {'types':<6} {'export s':>8} {'MiB':>6} "
+          f"{'ckpt ppl':>10} {'GGUF ppl':>10} {'rel diff':>9} {'min SQNR':>8}")
+    for i, (name, kw) in enumerate(cases):
+        out = tmp_path / f"{i}.gguf"
+        start = time.perf_counter()
+        reports = gguf_export.export(ckpts[name], out, **kw)
+        seconds = time.perf_counter() - start
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+        got = ppl_mod.perplexity(model, ids, 512, 512, progress=False)[0]
+        types = "/".join(sorted({r.qtype for r in reports}))
+        print(f"{name:<25} {str(kw or '-'):<46} {types:<6} {seconds:>8.1f} {out.stat().st_size / 2**20:>6.1f} "
+              f"{ref_ppl[name]:>10.4f} {got:>10.4f} {got / ref_ppl[name] - 1:>+9.1e} "
+              f"{min(r.sqnr_db for r in reports):>8.1f}")
+        if not kw:  # lossless mapping: same weights up to fp16 rounding of Q4_1 mins
+            assert abs(got / ref_ppl[name] - 1) < (1e-5 if types != "Q4_1" else 1e-3)
+        out.unlink()
