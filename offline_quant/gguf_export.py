@@ -56,6 +56,7 @@ class LayerReport:
     max_abs_err: float
     rel_err: float         # ||W_gguf - W_ckpt||_F / ||W_ckpt||_F
     sqnr_db: float         # 10 log10(||W_ckpt||^2 / ||W_gguf - W_ckpt||^2); inf when exact
+    exact_blocks: float    # fraction of 32-weight blocks that dequantize bit-exactly
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +172,8 @@ def export_layer(name: str, tensors: dict[str, torch.Tensor], bits: int, sym: bo
     err2, ref2 = float((err ** 2).sum()), float((ref.astype(np.float64) ** 2).sum())
     report = LayerReport(name, kind.name, not reason, reason, float(np.abs(err).max()),
                          math.sqrt(err2 / ref2) if ref2 else 0.0,
-                         10 * math.log10(ref2 / err2) if err2 else math.inf)
+                         10 * math.log10(ref2 / err2) if err2 else math.inf,
+                         float((err.reshape(n, -1, BLOCK) == 0).all(-1).mean()))
     return kind, data, report
 
 
@@ -382,11 +384,12 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, requantize: bo
 
 def format_reports(reports: list[LayerReport]) -> str:
     """A table of the per-layer error the export adds (0 for bit-exact layers)."""
-    lines = [f"{'layer':<40} {'type':<5} {'exact':<9} {'max|err|':>10} {'rel err':>10} {'SQNR dB':>8}"]
+    lines = [f"{'layer':<40} {'type':<5} {'exact':<9} {'max|err|':>10} {'rel err':>10} {'SQNR dB':>8} "
+             f"{'exact blocks':>12}"]
     for r in reports:
         exact = "bit-exact" if r.max_abs_err == 0 else ("fp16(m)" if r.lossless else "REQUANT")
         lines.append(f"{r.name:<40} {r.qtype:<5} {exact:<9} {r.max_abs_err:>10.3g} {r.rel_err:>10.3g} "
-                     f"{r.sqnr_db:>8.1f}")
+                     f"{r.sqnr_db:>8.1f} {r.exact_blocks:>12.1%}")
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ LOSSLESS = {
     "sym4_g32": (fmt.QuantConfig(bits=4, group_size=32, sym=True), "Q4_0"),
     "sym8_g128": (fmt.QuantConfig(bits=8, group_size=128, sym=True), "Q8_0"),
     "asym4_g64": (fmt.QuantConfig(bits=4, group_size=64, sym=False), "Q4_1"),
+    "asym4_g128_v2": (fmt.QuantConfig(bits=4, group_size=128, sym=False, checkpoint_format="gptq_v2"), "Q4_1"),
     "asym3_g64": (fmt.QuantConfig(bits=3, group_size=64, sym=False), "Q4_1"),  # widened
     "sym2_perchannel": (fmt.QuantConfig(bits=2, group_size=-1, sym=True), "Q4_0"),  # widened
 }
@@ -117,11 +118,12 @@ def test_lossless_types_dequantize_bit_exact(name, checkpoints, exported):
         np.testing.assert_array_equal(unpermuted(to_gguf_name(layer), w, config), w_ref.numpy())
 
 
-def test_q4_1_is_exact_up_to_fp16_rounding_of_the_min(checkpoints, exported):
-    path, reports = exported["asym4_g64"]
-    config = json.loads((checkpoints["asym4_g64"] / "config.json").read_text())
+@pytest.mark.parametrize("name", ["asym4_g64", "asym4_g128_v2"])
+def test_q4_1_is_exact_up_to_fp16_rounding_of_the_min(name, checkpoints, exported):
+    path, reports = exported[name]
+    config = json.loads((checkpoints[name] / "config.json").read_text())
     reader = gguf.GGUFReader(path)
-    ref = checkpoint_weights(checkpoints["asym4_g64"])
+    ref = checkpoint_weights(checkpoints[name])
     n_exact_blocks = n_blocks = 0
     for layer, w_ref in ref.items():
         t = next(t for t in reader.tensors if t.name == to_gguf_name(layer))
@@ -138,9 +140,10 @@ def test_q4_1_is_exact_up_to_fp16_rounding_of_the_min(checkpoints, exported):
         assert (err <= np.maximum(np.abs(m) * 2.0 ** -11, 2.0 ** -24) * (1 + 1e-6)).all(), layer
         n_exact_blocks += int((err == 0).sum())
         n_blocks += err.size
+        assert next(r for r in reports if r.name == layer).exact_blocks == pytest.approx((err == 0).mean())
     worst = max(r.max_abs_err for r in reports)
     assert worst > 0  # RTN 4-bit asymmetric uses all 16 levels: some m cannot be exact
-    print(f"Q4_1: {n_exact_blocks}/{n_blocks} blocks bit-exact, worst |err| {worst:.3g}")
+    print(f"{name} -> Q4_1: {n_exact_blocks}/{n_blocks} blocks bit-exact, worst |err| {worst:.3g}")
 
 
 def reference_and_gguf_logits(ckpt, gguf_path):
