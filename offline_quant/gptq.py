@@ -184,7 +184,7 @@ class GPTQ:
             W1 = W[:, i1:i2]
             if i1:  # the lazy-batch update; W[:, :i1] holds W - Q of the quantized columns by now
                 with _threads(threads):
-                    W1 = torch.addmm(W1, W[:, :i1] @ V[:i1, i1:i2], Hinv1)
+                    W1 = torch.addmm(W1, W[:, :i1], V[:i1, i1:i2] @ Hinv1)
             W1 = W1.t().contiguous()  # [count, N]: column i of the block is the contiguous row W1[i]
             Q1 = torch.empty_like(W1)
             Err1 = torch.empty_like(W1)
