@@ -424,7 +424,8 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
 
 
 def _memory(model, calib: Calibration, method: str) -> dict[str, float]:
-    model_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied lm_head counted once
+    model_mb = sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
     act_mb = 0.0 if method == "rtn" else calib.nsamples * calib.seqlen * model.config.hidden_size * 4 / 2**20
     return {"model_mb": model_mb, "activations_mb": act_mb, "bound_mb": 1.5 * model_mb + act_mb}
 
