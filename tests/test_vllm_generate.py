@@ -129,7 +129,16 @@ def vllm_greedy(path: Path, prompt_ids: list[list[int]], max_tokens: int, **llm_
     kwargs = dict(quantization="gptq-plugin", dtype="float32", enforce_eager=True, max_model_len=256,
                   seed=0, max_num_seqs=16)
     kwargs.update(llm_kwargs)
-    llm = LLM(str(path), **kwargs)
+    # One OpenMP thread pinned to core 0 unless the caller chose: on a small shared CPU, OpenMP
+    # threads spinning at barriers on busy cores make each GEMM 100x slower (see benchmarks/serving.py).
+    pinned = "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    if pinned:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"
+    try:
+        llm = LLM(str(path), **kwargs)
+    finally:
+        if pinned:
+            del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     try:
         outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
                             SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))

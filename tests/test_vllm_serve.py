@@ -52,6 +52,7 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's usual engine-core process
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")  # see vllm_greedy in test_vllm_generate.py
     vllm = Path(sys.executable).with_name("vllm")
     with open(log, "w") as out:
         proc = subprocess.Popen(
