@@ -1,6 +1,6 @@
 """lm-eval with our plugin: the `lm_eval` CLI's `vllm` backend (quantization=gptq-plugin) on a local task
-scores a tiny RTN checkpoint as lm-eval's `hf` backend scores the pure-torch reference of the same
-checkpoint; `vllm-gptq eval` prints the comparison table; bad task names fail before any model loads.
+scores a tiny RTN checkpoint as the pure-torch reference of the same checkpoint does, both through
+lm-eval's `hf` backend and by our own log-likelihoods over the task's JSONL; `vllm-gptq eval` prints the comparison table; bad task names fail before any model loads.
 
 Tolerance: both sides run in float32, so log-likelihoods differ only by summation order (~1e-6 per
 token): perplexity agrees to 1e-4 relative, and accuracies are equal (a flip needs a near-exact tie
@@ -8,16 +8,18 @@ between two choices; one document's worth is allowed)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_vllm_generate import checkpoint
 from vllm_gptq_plugin import cli
-from vllm_gptq_plugin.offline_quant import evaluate
+from vllm_gptq_plugin.offline_quant import evaluate, loader
 
 PPL_RTOL = 1e-4
 LIMIT = 24
@@ -43,6 +45,24 @@ def assert_close(got: dict, want: dict, limit: int) -> None:
                 assert abs(got[task][metric] - value) <= 1 / limit + 1e-9, (task, metric, got, want)
 
 
+@torch.no_grad()
+def own_lastword_metrics(path: Path, limit: int) -> dict:
+    """gptq_lastword without lm-eval: log p(" " + target | context) from loader.load_model, split into
+    tokens as lm-eval does (the continuation is what encoding context + continuation adds)."""
+    import transformers
+    model, tok = loader.load_model(path), transformers.AutoTokenizer.from_pretrained(path)
+    rows = [json.loads(line) for line in (evaluate.TASKS_DIR / "gptq_lastword.jsonl").read_text().splitlines()]
+    lls, greedy = [], []
+    for row in rows[:limit]:
+        ctx = tok(row["context"]).input_ids
+        whole = tok(row["context"] + " " + row["target"]).input_ids
+        logp = model(torch.tensor([whole])).logits[0, len(ctx) - 1:-1].float().log_softmax(-1)
+        target = torch.tensor(whole[len(ctx):])
+        lls.append(logp.gather(1, target[:, None]).sum().item())
+        greedy.append(bool((logp.argmax(-1) == target).all()))
+    return {"perplexity": math.exp(-sum(lls) / len(lls)), "acc": sum(greedy) / len(greedy)}
+
+
 def vllm_env() -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")  # see vllm_greedy in test_vllm_generate.py
@@ -62,6 +82,7 @@ def test_lm_eval_cli_vllm_backend_matches_the_reference(ckpt, reference, tmp_pat
     got = json.loads(result_file.read_text())["results"]["gptq_lastword"]
     got = {"gptq_lastword": {k.split(",")[0]: v for k, v in got.items() if "," in k and "stderr" not in k}}
     assert_close(got, {"gptq_lastword": reference["gptq_lastword"]}, LIMIT)
+    assert_close(got, {"gptq_lastword": own_lastword_metrics(ckpt, LIMIT)}, LIMIT)
     # The check can fail: the fp model the checkpoint came from scores measurably differently.
     fp = evaluate.evaluate(str(tiny_llama), ["gptq_lastword"], "hf", limit=LIMIT, max_model_len=512)
     assert fp["gptq_lastword"]["perplexity"] != pytest.approx(got["gptq_lastword"]["perplexity"], rel=100 * PPL_RTOL)
