@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from vllm_gptq_plugin import format as fmt
@@ -344,7 +345,8 @@ class WorkState:
             for key, t in load_file(self.dir / f"block-{i:04d}.safetensors").items():
                 name, sfx = key.rsplit(".", 1)
                 packed.setdefault(name, {})[sfx] = t
-        return packed, load_file(self.dir / state["inputs"])["hidden"]
+        hidden = np.fromfile(self.dir / state["inputs"], dtype=np.float32)
+        return packed, torch.from_numpy(hidden.reshape(state["inputs_shape"]))
 
     def save(self, done: int, block_packed: dict[str, dict[str, torch.Tensor]], inps: torch.Tensor,
              rows: list[dict[str, Any]]) -> None:
@@ -352,12 +354,14 @@ class WorkState:
         self.dir.mkdir(parents=True, exist_ok=True)
         flat = {f"{n}.{s}": t.contiguous() for n, ts in block_packed.items() for s, t in ts.items()}
         self._write(f"block-{done - 1:04d}.safetensors", lambda p: save_file(flat, p))
-        inputs = f"inputs-{done:04d}.safetensors"
-        self._write(inputs, lambda p: save_file({"hidden": inps}, p))
+        # Raw fp32 bytes, written straight from the buffer: safetensors would first copy it in memory.
+        assert inps.dtype == torch.float32 and inps.is_contiguous()
+        inputs = f"inputs-{done:04d}.f32"
+        self._write(inputs, lambda p: inps.numpy().tofile(p))
         state = {"version": STATE_VERSION, "digest": self.digest, "key": self.key, "done": done,
-                 "inputs": inputs, "rows": rows}
+                 "inputs": inputs, "inputs_shape": list(inps.shape), "rows": rows}
         self._write("state.json", lambda p: p.write_text(json.dumps(state)))  # json keeps inf
-        for old in self.dir.glob("inputs-*.safetensors"):
+        for old in self.dir.glob("inputs-*"):
             if old.name != inputs:
                 old.unlink()
 
