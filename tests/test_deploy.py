@@ -110,6 +110,27 @@ def test_ray_script_needs_a_head_address():
     assert r.returncode == 2 and "usage" in r.stderr
 
 
+def test_ray_serve_passes_the_parallel_sizes_through_the_entrypoint(fake_vllm, tmp_path):
+    """`ray_serve.sh serve` with a stand-in `ray` (cluster up) and `vllm`: the exact vllm command line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "ray").chmod(0o755)
+    ckpt = str(checkpoint("sym4"))
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", VLLM_BIN=fake_vllm, MODEL=ckpt, TP="2", PP="3")
+    env.pop("PORT", None), env.pop("HOST", None)
+    r = subprocess.run(["bash", str(DEPLOY / "ray" / "ray_serve.sh"), "serve", "--max-model-len", "512"], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == ["serve", ckpt, "--quantization", "gptq-plugin", "--host", "0.0.0.0", "--port",
+                                    "8000", "--distributed-executor-backend", "ray", "--tensor-parallel-size", "2",
+                                    "--pipeline-parallel-size", "3", "--max-model-len", "512"]
+    (bin_dir / "ray").write_text("#!/bin/sh\nexit 1\n")  # no cluster: a clear refusal
+    r = subprocess.run(["bash", str(DEPLOY / "ray" / "ray_serve.sh"), "serve"], env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and "no Ray cluster" in r.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # compose and Kubernetes YAML
 # ---------------------------------------------------------------------------------------------
