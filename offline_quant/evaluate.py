@@ -26,6 +26,7 @@ from pathlib import Path
 from vllm_gptq_plugin.format import FormatError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+LM_EVAL_PIN = "lm-eval==0.4.13"  # the version checked with vllm 0.32 and transformers 5.19
 LOCAL_TASKS = ("gptq_lastword", "gptq_continuation")
 TASK_CORPORA = ("shakespeare", "pydocs")
 LASTWORD_PER_CORPUS = 150
@@ -109,7 +110,10 @@ def build_local_tasks(out_dir: str | os.PathLike = TASKS_DIR, seed: int = 0) -> 
 # ---------------------------------------------------------------------------------------------
 
 def task_manager():
-    from lm_eval.tasks import TaskManager
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise FormatError(f"lm-eval is not installed: pip install {LM_EVAL_PIN}") from None
     return TaskManager(include_path=str(TASKS_DIR))
 
 
