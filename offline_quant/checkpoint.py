@@ -55,10 +55,13 @@ def checkpoint_tensors(model: torch.nn.Module, packed: dict[str, dict[str, torch
 
 def write(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]], cfg: fmt.QuantConfig,
           out: str | os.PathLike, source: str | os.PathLike, overwrite: bool = False,
-          extra_files: dict[str, str] | None = None) -> Path:
+          extra_files: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write the checkpoint (fp tensors in `dtype`, default as they are) and validate it."""
     model_config = json.loads((Path(source) / "config.json").read_text())
     model_config.pop("quantization_config", None)
-    tensors = checkpoint_tensors(model, packed)
+    if "lm_head" in packed:  # a quantized lm_head is its own tensor: it can no longer be tied
+        model_config["tie_word_embeddings"] = False
+    tensors = checkpoint_tensors(model, packed, dtype=dtype)
     path = fmt.save_checkpoint(out, tensors, cfg, model_config, source=source, overwrite=overwrite,
                                extra_files=extra_files)
     fmt.validate(path)  # never hand back a checkpoint we could not read ourselves

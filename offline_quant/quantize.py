@@ -420,8 +420,8 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
            "peak_rss_mb": rpt.peak_rss_mb(),
            "memory": {**_memory(model, calib, method), "baseline_rss_mb": baseline_mb},
            "layers": rows, "sensitivity": rpt.sensitivity(rows)}
-    path = _write(model, packed, cfg, out, model_dir, src_dtype, overwrite,
-                  {rpt.REPORT_FILE: rpt.to_json(rep)})
+    path = checkpoint.write(model, packed, cfg, out, model_dir, overwrite,
+                            {rpt.REPORT_FILE: rpt.to_json(rep)}, dtype=src_dtype)
     if method == "gptq":
         WorkState(out, {}).remove()
     return path, rep
@@ -516,20 +516,6 @@ def _lm_head(model, target, inps: torch.Tensor, batches: list[slice], cfg: fmt.Q
     row = _row("lm_head", -1, lcfg, result.stats, rpt.output_sqnr_db(W, result.Q, H), time.perf_counter() - t0)
     g.free()
     return packed, row
-
-
-def _write(model, packed, cfg: fmt.QuantConfig, out: Path, source: Path, dtype: torch.dtype,
-           overwrite: bool, extra_files: dict[str, str]) -> Path:
-    """checkpoint.write, keeping the source's dtype for the fp tensors and an untied lm_head untied."""
-    model_config = json.loads((source / "config.json").read_text())
-    model_config.pop("quantization_config", None)
-    if "lm_head" in packed:
-        model_config["tie_word_embeddings"] = False
-    tensors = checkpoint.checkpoint_tensors(model, packed, dtype=dtype)
-    path = fmt.save_checkpoint(out, tensors, cfg, model_config, source=source, overwrite=overwrite,
-                               extra_files=extra_files)
-    fmt.validate(path)  # never hand back a checkpoint we could not read ourselves
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

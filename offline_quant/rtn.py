@@ -1,9 +1,6 @@
 """Round-to-nearest: the baseline GPTQ must beat, and the quantizer that needs no calibration data."""
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import torch
 
 from vllm_gptq_plugin import format as fmt
@@ -30,17 +27,6 @@ def quantize_weight(W: torch.Tensor, cfg: fmt.QuantConfig):
 
 def quantize_model(model_dir, out, cfg: fmt.QuantConfig, overwrite: bool = False):
     """RTN-quantize every quantizable Linear of the HF model at `model_dir` into checkpoint `out`."""
-    import transformers
-    from vllm_gptq_plugin.offline_quant import checkpoint
-
-    if Path(out).exists() and not overwrite:  # fail before the slow part
-        raise fmt.FormatError(f"{out} already exists: choose another output folder or pass --overwrite")
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-    cfg = dataclasses.replace(cfg, meta={**cfg.meta, "quantizer": "vllm-gptq-plugin", "method": "rtn"})
-    packed = {}
-    for name, (module, lcfg) in checkpoint.quantizable_linears(model, cfg).items():
-        q, zeros, scales, g_idx = quantize_weight(module.weight.detach(), lcfg)
-        packed[name] = fmt.pack_layer(q, zeros, scales, g_idx, lcfg.bits, cfg.checkpoint_format)
-        if module.bias is not None:
-            packed[name]["bias"] = module.bias.detach().to(torch.float16)
-    return checkpoint.write(model, packed, cfg, out, model_dir, overwrite)
+    from vllm_gptq_plugin.offline_quant import quantize
+    path, _ = quantize.quantize_model(model_dir, out, cfg, method="rtn", overwrite=overwrite, progress=False)
+    return path
