@@ -81,10 +81,15 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: 4b g64 only, 16x256 calibration, 2k tokens")
     p.add_argument("--fresh", action="store_true", help="re-quantize even if a checkpoint is in --work")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of table 1")
+    p.add_argument("--methods", default="rtn,gptq", help="rtn,gptq or rtn alone (the baseline table)")
+    p.add_argument("--no-cross", action="store_true", help="skip table 2 (cross-domain)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more `vllm-gptq quantize` flags for every run (e.g. --asym)")
     args = p.parse_args()
-    configs, cross = CONFIGS, CROSS_CONFIGS
+    configs = {name: CONFIGS[name] for name in args.configs.split(",")}
+    cross = () if args.no_cross or "gptq" not in args.methods else CROSS_CONFIGS
+    methods = tuple(args.methods.split(","))
     if args.quick:
         args.nsamples, args.seqlen, args.max_tokens = 16, 256, 2048
         configs, cross = {"4b g64": CONFIGS["4b g64"]}, ("4b g64",)
@@ -105,14 +110,17 @@ def main() -> int:
     print(head)
     print(f"{'fp':<18} {'-':<6} " + " ".join(f"{fp[e]:>17.2f}" for e in EVALS))
     for name, flags in configs.items():
-        reps = {m: quantize(args, name, m, flags, args.calib) for m in ("rtn", "gptq")}
+        reps = {m: quantize(args, name, m, flags, args.calib) for m in methods}
         vals = {m: {e: ppl(args, reps[m]["path"], e, cache) for e in EVALS} for m in reps}
         for m, rep in reps.items():
-            ratios = [ratio(fp[e], vals["rtn"][e], vals["gptq"][e]) if m == "gptq" else "" for e in EVALS]
+            ratios = [ratio(fp[e], vals["rtn"][e], vals["gptq"][e]) if m == "gptq" and "rtn" in vals else ""
+                      for e in EVALS]
             print(f"{name:<18} {m.upper():<6} " + " ".join(f"{vals[m][e]:>17.2f}" for e in EVALS) + " " +
                   " ".join(f"{r:>18}" for r in ratios) +
                   f" {rep['wall_seconds']:>8.1f} {rep['threads']:>7} {rep['peak_rss_mb']:>12.0f}")
 
+    if not cross:
+        return 0
     print(f"\ntable 2: cross-domain, calibration {args.nsamples}x{args.seqlen} on one corpus; ratio <= 1 "
           "means GPTQ is no worse than RTN")
     print(f"{'calibrated on':<14} {'config':<8} {'eval on':<18} {'fp':>7} {'RTN':>7} {'GPTQ':>7} {'ratio':>6}")
