@@ -38,6 +38,19 @@ def _publish(tmp: Path, out: Path) -> Path:
     return out
 
 
+def _save(model, tok, out: Path) -> Path:
+    """save_pretrained into a temporary sibling, then publish: no half-written model at `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        return _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def fetch_smollm2(out: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
     """Materialize SmolLM2-135M-Instruct as an ordinary HF safetensors folder (once; reused after).
 
@@ -58,15 +71,7 @@ def fetch_smollm2(out: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        return _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return _save(model, tok, out)
 
 
 def smollm2_tokenizer_dir(cache: str | os.PathLike = DEFAULT_CACHE) -> Path:
@@ -117,15 +122,7 @@ def tiny_model(arch: str, out: str | os.PathLike, seed: int = 0, dtype: torch.dt
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3 if "embed" in name else 0.08)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        return _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return _save(model, tok, out)
 
 
 def add_arguments(p) -> None:

@@ -9,26 +9,10 @@ import torch
 from vllm_gptq_plugin import format as fmt
 from vllm_gptq_plugin import kernels
 from vllm_gptq_plugin.kernels import cpu, gptq_gemm, prepare
-from vllm_gptq_plugin.kernels.testing import random_layer
+from vllm_gptq_plugin.kernels.testing import (
+    CASES, MS, ZERO_CONVENTIONS, assert_close, random_layer, reference)
 
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-MS = (1, 3, 16, 33)
-CASES = [(bits, gs, act) for bits in fmt.SUPPORTED_BITS for gs in fmt.SUPPORTED_GROUP_SIZES
-         for act in (False, True) if not (gs == -1 and act)]
-ZERO_CONVENTIONS = [(True, "gptq"), (False, "gptq"), (True, "gptq_v2"), (False, "gptq_v2")]
-
-
-def reference(x, t, bits, checkpoint_format, bias=None):
-    w = fmt.dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, checkpoint_format,
-                       dtype=x.dtype)
-    return torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
-
-
-def assert_close(y, ref, dtype):
-    assert y.dtype == dtype and y.shape == ref.shape
-    err = (y.float() - ref).abs().max().item()
-    assert err <= TOL[dtype] * ref.abs().max().item(), f"max error {err} vs max |ref| {ref.abs().max()}"
 
 
 def test_small_m_and_large_m_both_tested():

@@ -13,28 +13,11 @@ import torch  # noqa: E402
 from vllm_gptq_plugin import format as fmt  # noqa: E402
 from vllm_gptq_plugin.kernels import gptq_gemm, prepare  # noqa: E402
 from vllm_gptq_plugin.kernels import triton_gemm as tg  # noqa: E402
-from vllm_gptq_plugin.kernels.testing import random_layer  # noqa: E402
+from vllm_gptq_plugin.kernels.testing import (  # noqa: E402
+    CASES, MS, ZERO_CONVENTIONS, assert_close, random_layer, reference)
 
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float16, torch.float32) + ((torch.bfloat16,) if DEVICE == "cuda" else ())
-TOL[torch.bfloat16] = 3e-2
-MS = (1, 3, 16, 33)
-CASES = [(bits, gs, act) for bits in fmt.SUPPORTED_BITS for gs in fmt.SUPPORTED_GROUP_SIZES
-         for act in (False, True) if not (gs == -1 and act)]  # one group: act-order means nothing
-ZERO_CONVENTIONS = [(True, "gptq"), (False, "gptq"), (True, "gptq_v2"), (False, "gptq_v2")]
-
-
-def reference(x, t, bits, checkpoint_format, bias=None):
-    w = fmt.dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, checkpoint_format,
-                       dtype=x.dtype)
-    return torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
-
-
-def assert_close(y, ref, dtype):
-    assert y.dtype == dtype and y.shape == ref.shape
-    err = (y.float() - ref).abs().max().item()
-    assert err <= TOL[dtype] * ref.abs().max().item(), f"max error {err} vs max |ref| {ref.abs().max()}"
 
 
 def to_device(t):
