@@ -3,7 +3,6 @@ transformers model. It is the numerical reference for the kernels and the vLLM p
 `vllm-gptq ppl` evaluates."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -46,6 +45,3 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval()
 
-
-def model_config_dict(path: str | os.PathLike) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
