@@ -14,9 +14,9 @@ from vllm_gptq_plugin import format as fmt
 def dequantized_state_dict(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                            tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, with each quantized layer replaced by its dense `.weight`."""
+    tensors = tensors if tensors is not None else fmt.read_tensors(path)  # read once, validate that
     summary = fmt.validate(path, tensors)
     cfg: fmt.QuantConfig = summary["config"]
-    tensors = tensors if tensors is not None else fmt.read_tensors(path)
     out = {}
     for name in summary["layers"]:
         lcfg = cfg.for_module(name)

@@ -46,12 +46,17 @@ def test_rerun_is_deterministic(tiny_llama, reference, tmp_path):
     assert _weights(again) == _weights(reference)
 
 
-def test_resume_after_a_crash_is_bit_identical(tiny_llama, reference, tmp_path, monkeypatch):
-    out = tmp_path / "q"
+def _crashed_run(model, out, monkeypatch):
+    """A run that dies after block 0, leaving its resume state behind."""
     with monkeypatch.context() as m:
         _crash_after_first_block(m)
         with pytest.raises(Crash):
-            api.quantize(tiny_llama, out, api.QuantConfig(**CFG), **RUN)
+            api.quantize(model, out, api.QuantConfig(**CFG), **RUN)
+
+
+def test_resume_after_a_crash_is_bit_identical(tiny_llama, reference, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    _crashed_run(tiny_llama, out, monkeypatch)
     assert not out.exists()
     state = json.loads((tmp_path / "q.partial" / "state.json").read_text())
     assert state["done"] == 1 and len(state["rows"]) == 7
@@ -69,10 +74,7 @@ def test_resume_after_a_crash_is_bit_identical(tiny_llama, reference, tmp_path, 
 
 def test_changed_settings_refuse_to_resume(tiny_llama, reference, tmp_path, monkeypatch):
     out = tmp_path / "q"
-    with monkeypatch.context() as m:
-        _crash_after_first_block(m)
-        with pytest.raises(Crash):
-            api.quantize(tiny_llama, out, api.QuantConfig(**CFG), **RUN)
+    _crashed_run(tiny_llama, out, monkeypatch)
     with pytest.raises(fmt.FormatError, match=r"different settings \(calibration, calibration_tokens differ\).*"
                                               r"--no-resume"):
         api.quantize(tiny_llama, out, api.QuantConfig(**CFG), **{**RUN, "seed": 4})
