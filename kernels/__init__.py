@@ -99,6 +99,8 @@ def gptq_gemm(x: torch.Tensor, w: PreparedWeights, bias: torch.Tensor | None = N
         x2 = x2.index_select(1, impl.perm)
     if w.backend == "int4pack" and x2.shape[0] <= INT4PACK_MAX_M:
         y = cpu.int4pack_gemm(x2.contiguous(), impl)
+    elif impl.segments is not None:
+        y = cpu.fused_gemm(x2, impl)
     else:
         y = cpu.dequant_gemm(x2, impl)
     if bias is not None:

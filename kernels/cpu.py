@@ -1,7 +1,10 @@
-"""CPU dequant-GEMM paths: torch's int4pack kernel for small M, tile dequant + dense GEMM for large M.
+"""CPU dequant-GEMM paths: torch's int4pack kernel, the fused bf16 kernel, tile dequant + dense GEMM.
 
-Large M (and every M of the dequant layout): W^T is dequantized in column tiles of ~WT_TILE_BYTES by
-the compiled kernel of cpu_ext (torch ops when it cannot be built), each tile feeding one dense GEMM.
+fused (bf16 on AVX512-BF16, cpu_ext's cpu_gemm_bf16.cpp): reads the 4- or 8-bit weights directly, one
+pass, for any M. `segments` int64 [S, 3] lists (k0, k1, group row) runs of the sorted K, split to <=
+FUSED_MAX_SEG; a layer whose group runs have odd bounds (ragged TP shards) has none and uses tiles.
+tiles (fp16/fp32, or no compiled kernel): W^T is dequantized in column tiles of ~WT_TILE_BYTES by
+cpu_ext (torch ops when it cannot be built), each tile feeding one dense GEMM.
 
 int4pack (bits 2, 3 and 4: 2- and 3-bit values fit a 4-bit container, at 4-bit memory):
     packed             uint8 [N, K/2]       torch._convert_weight_to_int4pack_for_cpu's layout: blocks of
@@ -14,7 +17,9 @@ int4pack (bits 2, 3 and 4: 2- and 3-bit values fit a 4-bit container, at 4-bit m
     gs = the largest of 256/128/64/32 such that each gs-run of the (permuted) K lies in one group.
 
 dequant (8-bit, and layers int4pack cannot take: N % 64 != 0, or groups that do not tile K in runs of 32):
-    q       uint8 [K, N]   unpacked integer weights (K permuted by `perm` under act-order)
+    q       uint8 [K, N]   unpacked integer weights (K permuted by `perm` under act-order), or, when
+                           `segments` is set (fused), [N/64, K, 64]: each 64-channel block's rows
+                           contiguous, so the kernel streams them
     zeros   T [G, N], scales T [G, N], g_idx int64 [K] (permuted)
 
 T is the dtype given to prepare; activations of another dtype are cast to T for the GEMM and back.
@@ -33,6 +38,7 @@ from . import cpu_ext
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
 INT4PACK_BLOCK_N = 64
 WT_TILE_BYTES = 2 << 20  # a W^T column tile per GEMM: fits L2/L3 next to its GEMM's operands
+FUSED_MAX_SEG = 256  # cpu_gemm_bf16.cpp's kMaxSeg: one segment's unpacked panel stays in L1
 
 
 @dataclasses.dataclass
@@ -44,6 +50,7 @@ class Int4PackWeights:
     in_features: int
     out_features: int
     dtype: torch.dtype
+    segments: torch.Tensor | None = None  # set when the fused kernel serves this layer
 
 
 @dataclasses.dataclass
@@ -56,6 +63,7 @@ class DequantWeights:
     in_features: int
     out_features: int
     dtype: torch.dtype
+    segments: torch.Tensor | None = None  # set when the fused kernel serves this layer (q blocked)
 
 
 def _act_order_perm(g_idx: torch.Tensor) -> torch.Tensor | None:
@@ -64,6 +72,35 @@ def _act_order_perm(g_idx: torch.Tensor) -> torch.Tensor | None:
     if bool((g[1:] >= g[:-1]).all()):
         return None
     return torch.argsort(g, stable=True)
+
+
+def fused_segments(group_of_k: torch.Tensor, dtype: torch.dtype, out_features: int) -> torch.Tensor | None:
+    """(k0, k1, group) runs of a sorted per-K group index, each split to <= FUSED_MAX_SEG rows; None
+    when the fused kernel cannot serve the layer (not bf16, not compiled, N % 64, an odd run bound)."""
+    ext = cpu_ext.load()
+    if dtype != torch.bfloat16 or out_features % 64 or ext is None or not ext.has_gemm_bf16():
+        return None
+    k = group_of_k.shape[0]
+    ends = torch.cat([torch.nonzero(group_of_k[1:] != group_of_k[:-1]).flatten() + 1, torch.tensor([k])])
+    segs, k0 = [], 0
+    for end in ends.tolist():
+        if end % 2:
+            return None
+        for s in range(k0, end, FUSED_MAX_SEG):
+            segs.append((s, min(s + FUSED_MAX_SEG, end), int(group_of_k[k0])))
+        k0 = end
+    return torch.tensor(segs, dtype=torch.int64)
+
+
+def fused_gemm(x2: torch.Tensor, w: Int4PackWeights | DequantWeights) -> torch.Tensor:
+    """x2 [M, K] bf16 (already permuted) -> [M, N] bf16 through the fused kernel (w.segments set)."""
+    y = torch.empty((x2.shape[0], w.out_features), dtype=torch.bfloat16)
+    x2 = x2.contiguous()
+    if isinstance(w, Int4PackWeights):
+        cpu_ext.load().gemm_int4pack_bf16(x2, w.packed, w.scales_and_zeros, w.segments, y)
+    else:
+        cpu_ext.load().gemm_rows8_bf16(x2, w.q, w.scales, w.zeros, w.segments, y)
+    return y
 
 
 def int4pack_group_size(sorted_g_idx: torch.Tensor) -> int:
@@ -105,7 +142,7 @@ def prepare_int4pack(qweight, qzeros, scales, g_idx, bits: int, checkpoint_forma
     zf = (8 - zeros[run_group].float()) * s
     packed = torch._convert_weight_to_int4pack_for_cpu(q.t().contiguous(), 1)
     return Int4PackWeights(packed, torch.stack([s, zf], dim=-1).to(dtype).contiguous(), gs, perm,
-                           k, n, dtype)
+                           k, n, dtype, fused_segments(torch.arange(k) // gs, dtype, n))
 
 
 def int4pack_gemm(x2: torch.Tensor, w: Int4PackWeights) -> torch.Tensor:
@@ -125,6 +162,7 @@ def _scale_offset(w: Int4PackWeights | DequantWeights) -> tuple[torch.Tensor, to
 def dequant_t(w: Int4PackWeights | DequantWeights, n0: int, n1: int, scale_offset=None,
               out: torch.Tensor | None = None) -> torch.Tensor:
     """The transient W^T [K, n1 - n0] in T (permuted K order) for output channels [n0, n1)."""
+    assert isinstance(w, Int4PackWeights) or w.q.dim() == 2, "q blocked for the fused kernel"
     s, off = scale_offset or _scale_offset(w)
     ext = cpu_ext.load()
     if ext is None:
@@ -183,5 +221,10 @@ def prepare_dequant(qweight, qzeros, scales, g_idx, bits: int, checkpoint_format
     perm = _act_order_perm(g)
     if perm is not None:
         q, g = q[perm], g[perm]
-    return DequantWeights(q.to(torch.uint8).contiguous(), zeros.to(dtype), scales.to(dtype), g.contiguous(),
-                          perm, q.shape[0], q.shape[1], dtype)
+    k, n = q.shape
+    segments = fused_segments(g, dtype, n)
+    q = q.to(torch.uint8)
+    if segments is not None:
+        q = q.view(k, n // 64, 64).permute(1, 0, 2)
+    return DequantWeights(q.contiguous(), zeros.to(dtype), scales.to(dtype), g.contiguous(), perm, k, n, dtype,
+                          segments)

@@ -121,3 +121,31 @@ def test_batched_noncontiguous_and_empty_inputs(m):
     assert y.shape == (2, m, 128)
     if m:
         assert_close(y, reference(x, t, 4, "gptq", bias), torch.bfloat16)
+
+
+def _fused_available() -> bool:
+    from vllm_gptq_plugin.kernels import cpu_ext
+    return cpu_ext.load() is not None and cpu_ext.load().has_gemm_bf16()
+
+
+@pytest.mark.skipif(not _fused_available(), reason="no AVX512-BF16 build of the CPU extension")
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, True), (3, -1, False), (8, 64, True),
+                                                       (2, 128, False), (8, -1, False)])
+def test_fused_kernel_every_row_tail_and_segment(bits, group_size, act_order):
+    # M = 1..13 covers every micro-kernel height (6 rows + 0..5 tail); K = 640 makes group -1 split into
+    # 256-row segments with a 128-row tail; int4pack layers are forced through fused at small M too.
+    n, k = 192, 640
+    t = random_layer(n, k, bits, group_size, act_order=act_order, seed=bits + group_size)
+    w = prepare(**t, bits=bits, dtype=torch.bfloat16)
+    assert w.impl.segments is not None
+    for m in range(1, 14):
+        x = torch.randn(m, k).bfloat16()
+        x2 = x if w.impl.perm is None else x.index_select(1, w.impl.perm)
+        assert_close(cpu.fused_gemm(x2, w.impl), reference(x, t, bits, "gptq"), torch.bfloat16)
+
+
+def test_fused_segments_refuse_odd_group_runs_and_other_dtypes():
+    g = torch.tensor([0, 0, 0, 1, 1, 1])  # a run ends at k = 3: a bf16 pair would straddle two groups
+    assert cpu.fused_segments(g, torch.bfloat16, 64) is None
+    assert cpu.fused_segments(torch.zeros(6, dtype=torch.long), torch.float16, 64) is None
+    assert cpu.fused_segments(torch.zeros(6, dtype=torch.long), torch.bfloat16, 96) is None

@@ -1,0 +1,249 @@
+// Fused dequant-GEMM for bf16 activations on AVX512-BF16 CPUs (kernels/cpu.py calls it for every M
+// that does not go to torch's int4pack kernel, and for 8-bit at every M).
+//
+// y[m, n] = sum_g s[g, n] * (sum_{k in g} x[m, k] * q[k, n]) + o[g, n] * (sum_{k in g} x[m, k])
+//
+// The integer q (0..255) is exact in bf16, so the inner loop is a plain bf16 GEMM (vdpbf16ps, fp32
+// accumulation) on q unpacked into a small L1 panel, and the group scale/offset is applied once per
+// group to the fp32 accumulators. No [K, N] bf16 copy of W is ever written: the panel is 64 channels x
+// one K segment (<= 256) and is reused by every row of x. Threads split the 64-channel blocks.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+namespace {
+
+constexpr int64_t NB = 64;   // output channels per block (int4pack's block)
+constexpr int64_t MR = 6;    // rows of x per micro-kernel: 6 x 4 zmm accumulators
+
+inline __m512 bf16_lo(__m512i pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); }
+inline __m512 bf16_hi(__m512i pairs) {
+  return _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(0xFFFF0000)));
+}
+
+// int4pack layout (torch._convert_weight_to_int4pack_for_cpu): packed uint8 [N, K/2], byte k*32 + c of
+// 64-channel block b holds channel b*64+c (low nibble) and b*64+32+c (high nibble) of row k.
+// sz bf16 [K/gs, N, 2]: W = (q - 8) * s + zf.
+struct Int4Pack {
+  const uint8_t* packed;
+  const uint16_t* sz;
+  int64_t K, N;
+  __m512i lut, pick_lo, pick_hi;
+
+  Int4Pack(const uint8_t* p, const uint16_t* sz_, int64_t K_, int64_t N_) : packed(p), sz(sz_), K(K_), N(N_) {
+    alignas(64) uint16_t table[32], lo[32], hi[32];
+    for (int i = 0; i < 32; ++i) {
+      float f = static_cast<float>(i & 15);  // vpermw reads 5 index bits: bit 4 is the other nibble's
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      table[i] = static_cast<uint16_t>(u >> 16);
+      lo[i] = (i & 1) ? 32 + i / 2 : i / 2;             // (row k, row k+1) of byte column i/2
+      hi[i] = (i & 1) ? 32 + 16 + i / 2 : 16 + i / 2;
+    }
+    lut = _mm512_load_si512(table);
+    pick_lo = _mm512_load_si512(lo);
+    pick_hi = _mm512_load_si512(hi);
+  }
+
+  // panel[p][0..127]: bf16 (q[k0+2p, c], q[k0+2p+1, c]) for c = 0..63 of block b.
+  void unpack(int64_t b, int64_t k0, int64_t npairs, uint16_t* panel) const {
+    const uint8_t* src = packed + b * K * 32 + k0 * 32;
+    for (int64_t p = 0; p < npairs; ++p, src += 64, panel += 128) {
+      __m512i r0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+      __m512i r1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32)));
+      __m512i v0 = _mm512_permutex2var_epi16(r0, pick_lo, r1);  // bytes of channels 0..15 | 32..47
+      __m512i v1 = _mm512_permutex2var_epi16(r0, pick_hi, r1);  // channels 16..31 | 48..63
+      _mm512_store_si512(panel, _mm512_permutexvar_epi16(v0, lut));
+      _mm512_store_si512(panel + 32, _mm512_permutexvar_epi16(v1, lut));
+      _mm512_store_si512(panel + 64, _mm512_permutexvar_epi16(_mm512_srli_epi16(v0, 4), lut));
+      _mm512_store_si512(panel + 96, _mm512_permutexvar_epi16(_mm512_srli_epi16(v1, 4), lut));
+    }
+  }
+
+  // scale and offset of 16 channels: W = q * s + o with o = zf - 8 s.
+  void group(int64_t g, int64_t n, __m512& s, __m512& o) const {
+    __m512i pairs = _mm512_loadu_si512(sz + (g * N + n) * 2);
+    s = bf16_lo(pairs);
+    o = _mm512_fmadd_ps(s, _mm512_set1_ps(-8.f), bf16_hi(pairs));
+  }
+};
+
+// 8-bit: q uint8 [K, N] rows; scales, zeros bf16 [G, N]: W = (q - z) * s.
+struct Rows8 {
+  const uint8_t* q;
+  const uint16_t* scales;
+  const uint16_t* zeros;
+  int64_t K, N, ld;  // ld: byte stride between rows k and k+1 of one block
+
+  // q <= 255 has at most 8 significant bits: its fp32's low 16 bits are zero and its top half is its
+  // bf16, so each 32-bit panel lane is fp32(q[k+1]) | fp32(q[k]) >> 16.
+  void unpack(int64_t b, int64_t k0, int64_t npairs, uint16_t* panel) const {
+    const uint8_t* src = q + (ld == NB ? b * K * NB : b * NB) + k0 * ld;
+    for (int64_t p = 0; p < npairs; ++p, src += 2 * ld, panel += 128) {
+      for (int j = 0; j < 4; ++j) {
+        __m512i r0 = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * j)))));
+        __m512i r1 = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + ld + 16 * j)))));
+        _mm512_store_si512(panel + 32 * j, _mm512_or_si512(r1, _mm512_srli_epi32(r0, 16)));
+      }
+    }
+  }
+
+  void group(int64_t g, int64_t n, __m512& s, __m512& o) const {
+    auto widen = [](const uint16_t* p) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+    };
+    s = widen(scales + g * N + n);
+    o = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), widen(zeros + g * N + n)), s);
+  }
+};
+
+// c[R][64] += s * (x[R, seg] . panel) + o * xsum[R]
+template <int R, class W>
+inline void micro(const W& w, const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t npairs,
+                  float* c, int64_t g, int64_t n, const float* xsum, int64_t ldxs) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < npairs; ++p) {
+    __m512bh b[4];
+    for (int j = 0; j < 4; ++j) b[j] = (__m512bh)_mm512_load_si512(panel + p * 128 + 32 * j);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * ldx + 2 * p, 4);
+      __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    __m512 s, o;
+    w.group(g, n + 16 * j, s, o);
+    for (int r = 0; r < R; ++r) {
+      float* cj = c + r * NB + 16 * j;
+      __m512 v = _mm512_fmadd_ps(acc[r][j], s, _mm512_loadu_ps(cj));
+      _mm512_storeu_ps(cj, _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * ldxs]), o, v));
+    }
+  }
+}
+
+template <class W>
+void run_rows(const W& w, int64_t rows, const uint16_t* x, int64_t K, const uint16_t* panel, int64_t k0,
+              int64_t npairs, float* c, int64_t g, int64_t n, const float* xsum, int64_t S) {
+  switch (rows) {
+#define CASE(R) case R: micro<R>(w, x + k0, K, panel, npairs, c, g, n, xsum, S); break;
+    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
+#undef CASE
+  }
+}
+
+// segs int64 [S, 3]: (k0, k1, group) with even k0/k1, k1 - k0 <= kMaxSeg, covering K in order.
+constexpr int64_t kMaxSeg = 256;
+
+template <class W>
+void gemm(const W& w, const uint16_t* x, int64_t M, int64_t K, int64_t N, const int64_t* segs, int64_t S,
+          uint16_t* y) {
+  std::vector<float> xsum(M * S);
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t si = 0; si < S; ++si) {
+        float t = 0.f;
+        for (int64_t k = segs[3 * si]; k < segs[3 * si + 1]; ++k) {
+          uint32_t u = static_cast<uint32_t>(x[m * K + k]) << 16;
+          float f;
+          std::memcpy(&f, &u, 4);
+          t += f;
+        }
+        xsum[m * S + si] = t;
+      }
+  });
+  at::parallel_for(0, N / NB, 1, [&](int64_t b0, int64_t b1) {
+    auto panel = std::unique_ptr<uint16_t[], decltype(&std::free)>(
+        static_cast<uint16_t*>(std::aligned_alloc(64, kMaxSeg / 2 * 128 * 2)), &std::free);
+    std::vector<float> c(M * NB);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(c.begin(), c.end(), 0.f);
+      for (int64_t si = 0; si < S; ++si) {
+        const int64_t k0 = segs[3 * si], npairs = (segs[3 * si + 1] - k0) / 2, g = segs[3 * si + 2];
+        w.unpack(b, k0, npairs, panel.get());
+        for (int64_t m = 0; m < M; m += MR)
+          run_rows(w, std::min(MR, M - m), x + m * K, K, panel.get(), k0, npairs, c.data() + m * NB, g,
+                   b * NB, xsum.data() + m * S + si, S);
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int j = 0; j < 4; ++j)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + b * NB + 16 * j),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c.data() + m * NB + 16 * j)));
+    }
+  });
+}
+
+void check_args(const torch::Tensor& x, const torch::Tensor& segs, const torch::Tensor& y, int64_t K,
+                int64_t N) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(1) == K,
+              "x bf16 [M, K] contiguous");
+  TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.is_contiguous() && y.size(0) == x.size(0) &&
+              y.size(1) == N, "y bf16 [M, N] contiguous");
+  TORCH_CHECK(segs.scalar_type() == at::kLong && segs.is_contiguous() && segs.dim() == 2 && segs.size(1) == 3,
+              "segs int64 [S, 3]");
+  TORCH_CHECK(N % NB == 0 && K % 2 == 0, "N % 64 == 0 and K even");
+  const auto* s = segs.data_ptr<int64_t>();
+  int64_t k = 0;
+  for (int64_t i = 0; i < segs.size(0); ++i) {
+    TORCH_CHECK(s[3 * i] == k && s[3 * i + 1] > k && s[3 * i + 1] - k <= kMaxSeg && s[3 * i + 1] % 2 == 0,
+                "segs must cover K in order with even bounds, <= 256 per segment");
+    k = s[3 * i + 1];
+  }
+  TORCH_CHECK(k == K, "segs must cover K");
+}
+
+}  // namespace
+
+bool has_gemm_bf16() { return true; }
+
+void gemm_int4pack_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, torch::Tensor segs,
+                        torch::Tensor y) {
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  check_args(x, segs, y, K, N);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed uint8 [N, K/2]");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(1) == N,
+              "scales_and_zeros bf16 [G, N, 2]");
+  Int4Pack w(packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sz.data_ptr()), K, N);
+  gemm(w, reinterpret_cast<const uint16_t*>(x.data_ptr()), x.size(0), K, N, segs.data_ptr<int64_t>(),
+       segs.size(0), reinterpret_cast<uint16_t*>(y.data_ptr()));
+}
+
+void gemm_rows8_bf16(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros,
+                     torch::Tensor segs, torch::Tensor y) {
+  const bool blocked = q.dim() == 3;  // [N/64, K, 64]: each block's rows contiguous
+  const int64_t K = q.size(blocked ? 1 : 0), N = blocked ? q.size(0) * NB : q.size(1);
+  check_args(x, segs, y, K, N);
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q uint8 [K, N] or [N/64, K, 64]");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16 &&
+              scales.is_contiguous() && zeros.is_contiguous() && scales.size(1) == N && zeros.sizes() == scales.sizes(),
+              "scales, zeros bf16 [G, N]");
+  Rows8 w{q.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
+          reinterpret_cast<const uint16_t*>(zeros.data_ptr()), K, N, blocked ? NB : N};
+  gemm(w, reinterpret_cast<const uint16_t*>(x.data_ptr()), x.size(0), K, N, segs.data_ptr<int64_t>(),
+       segs.size(0), reinterpret_cast<uint16_t*>(y.data_ptr()));
+}
+
+#else  // no AVX512-BF16: kernels/cpu.py uses the dequantized tiles + GEMM instead
+
+bool has_gemm_bf16() { return false; }
+void gemm_int4pack_bf16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor) {
+  TORCH_CHECK(false, "built without AVX512-BF16");
+}
+void gemm_rows8_bf16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor) {
+  TORCH_CHECK(false, "built without AVX512-BF16");
+}
+
+#endif
