@@ -26,16 +26,18 @@ def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: QuantCon
              calib: str | Iterable[str] = _driver.DEFAULT_CALIB, nsamples: int = _driver.DEFAULT_NSAMPLES,
              seqlen: int = _driver.DEFAULT_SEQLEN, seed: int = 0, method: str = "gptq",
              resume: bool = True, overwrite: bool = False, batch_size: int = _driver.DEFAULT_BATCH,
-             threads: int | None = None, progress: bool = True) -> Path:
+             threads: int | None = None, progress: bool = True,
+             forward_dtype: str = _driver.DEFAULT_FORWARD_DTYPE) -> Path:
     """Quantize the HF causal LM in `model_dir` into the checkpoint folder `out` and return its path.
 
     calib: calibration text sources ("mix" = Shakespeare + Python docs, "pydocs", "shakespeare",
     "corpus:split", .txt/.jsonl files, HF dataset folders); nsamples windows of seqlen tokens drawn
     with `seed`. method "rtn" needs no calibration. An interrupted run resumes when called again with
-    the same arguments (resume=False discards it). The per-layer report is `out`/quant_report.json.
+    the same arguments (resume=False discards it). forward_dtype: "bf16" (default) or "fp32" calibration
+    forward passes. The per-layer report is `out`/quant_report.json.
     """
     sources = (calib,) if isinstance(calib, (str, os.PathLike)) else tuple(calib)
-    calibration = _driver.Calibration(tuple(str(s) for s in sources), nsamples, seqlen, seed)
+    calibration = _driver.Calibration(tuple(str(s) for s in sources), nsamples, seqlen, seed, forward_dtype)
     path, _ = _driver.quantize_model(model_dir, out, cfg or QuantConfig(), calibration, method=method,
                                      resume=resume, overwrite=overwrite, batch_size=batch_size,
                                      threads=threads, progress=progress)

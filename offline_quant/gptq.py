@@ -79,10 +79,16 @@ class GPTQ:
         self.name = name
         self.rows, self.columns = layer.weight.shape
         self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=layer.weight.device)
+        self.C = None  # 2/n sum of x~ x^T when fp targets are given (see add_batch)
         self.nsamples = 0  # tokens seen
 
-    def add_batch(self, inp: torch.Tensor) -> None:
-        """H = 2/n sum over all n tokens so far of x x^T, updated with one in-place GEMM per batch."""
+    def add_batch(self, inp: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """H = 2/n sum over all n tokens so far of x x^T, updated with one in-place GEMM per batch.
+
+        target: what the layer's input x~ would be in the fp model (same tokens): then the layer is
+        fit to the fp model's output, min |Q x - W x~|^2 (GPTAQ, Li et al. 2025), not to its own
+        on its quantized inputs; this needs C = 2/n sum x~ x^T as well.
+        """
         inp = inp.detach().reshape(-1, inp.shape[-1])
         tmp = inp.shape[0]
         if tmp == 0:
@@ -90,7 +96,13 @@ class GPTQ:
         inp = inp.to(device=self.H.device, dtype=torch.float32)
         # A running mean (rescale, then add) keeps H at the scale of one token's x x^T, so fp32 never
         # accumulates a huge sum; beta and alpha fold the rescaling into the GEMM itself.
-        self.H.addmm_(inp.t(), inp, beta=self.nsamples / (self.nsamples + tmp), alpha=2 / (self.nsamples + tmp))
+        beta, alpha = self.nsamples / (self.nsamples + tmp), 2 / (self.nsamples + tmp)
+        self.H.addmm_(inp.t(), inp, beta=beta, alpha=alpha)
+        if target is not None:
+            target = target.detach().reshape(-1, target.shape[-1]).to(inp)
+            if self.C is None:
+                self.C = torch.zeros_like(self.H)
+            self.C.addmm_(target.t(), inp, beta=beta, alpha=alpha)
         self.nsamples += tmp
         # A NaN or Inf anywhere in inp reaches diag(H) (sum of x_k^2), so K values tell what a full pass
         # over inp would.
@@ -121,6 +133,8 @@ class GPTQ:
         H = self.H
         W = self.layer.weight.detach().to(H.dtype, copy=True)  # the solve runs in H's dtype: fp32
         N, K = W.shape
+        if self.C is not None:
+            W = self._fp_target_weights(W, cfg.damp_percent, threads)
         gs = K if cfg.group_size == -1 else cfg.group_size
         assert K % gs == 0, f"group_size {gs} must divide in_features {K}"
         if not bool(torch.isfinite(H.diagonal()).all()):
@@ -130,6 +144,7 @@ class GPTQ:
             assert gs % SUB_BLOCK == 0, f"group_size {gs} must be a multiple of {SUB_BLOCK}"  # nor sub-blocks
             blocksize = max(blocksize // gs, 1) * gs
         mse = bool(cfg.meta.get("mse", False)) if mse is None else mse
+        refine = bool(cfg.meta.get("refine_scales", False))
         find_params = lambda Wg: grid.find_params(  # noqa: E731  Wg [N, cols] -> (scale [N], zero [N])
             Wg, cfg.bits, cfg.sym, 1 if cfg.checkpoint_format == "gptq" and not cfg.sym else 0, mse=mse,
             norm=cfg.meta.get("mse_norm", 2.4), grid=cfg.meta.get("mse_grid", 100),
@@ -220,9 +235,29 @@ class GPTQ:
         del W, V
 
         invperm = torch.argsort(perm)
+        g_idx = gperm[invperm]
+        if refine and gs < K:
+            with _threads(threads):
+                scales, QT = _refine_scales(self.layer.weight.detach().float(), H, qT, zeros, scales, g_idx,
+                                            percdamp * float(H.diagonal().mean()), stats)
         stats.update(loss=loss, seconds=time.perf_counter() - tick)
         # Q is exactly what the format dequantizes q, zeros, scales to: levels are small integers in fp32.
-        return GPTQResult(qT.t(), zeros.to(torch.int32), scales, gperm[invperm].to(torch.int32), QT.t(), stats)
+        return GPTQResult(qT.t(), zeros.to(torch.int32), scales, g_idx.to(torch.int32), QT.t(), stats)
+
+    def _fp_target_weights(self, W: torch.Tensor, percdamp: float, threads: int) -> torch.Tensor:
+        """W' = argmin |W' X - W X~|^2 = W + W (C - H) H^-1 (H damped): the weights that, on the
+        quantized inputs X, best reproduce the fp outputs; GPTQ then quantizes W' against H, since
+        |Q X - W X~|^2 = |(Q - W') X|^2 + const. Unchanged W when X~ = X."""
+        H = self.H.clone()
+        H.diagonal().add_(percdamp * float(H.diagonal().mean()) + 1e-12)
+        with _threads(threads):
+            L, info = torch.linalg.cholesky_ex(H)
+            if int(info) != 0:
+                log.info("GPTQ: fp-target correction skipped for %s (H not positive definite)", self.name)
+                return W
+            delta = torch.cholesky_solve(((self.C - self.H).t() @ W.t()), L).t()
+        self.C = None
+        return W + delta
 
     def _rtn(self, cfg: fmt.QuantConfig, stats: dict, tick: float) -> GPTQResult:
         from vllm_gptq_plugin.offline_quant import rtn
@@ -232,7 +267,7 @@ class GPTQ:
         return GPTQResult(q, zeros, scales, g_idx, _dequantize(q, zeros, scales, g_idx), stats)
 
     def free(self) -> None:
-        self.H = None
+        self.H = self.C = None
 
 
 def _upper_cholesky(H: torch.Tensor, perm: torch.Tensor | None, percdamp: float, threads: int):
@@ -280,6 +315,50 @@ def _upper_cholesky_(A: torch.Tensor, threads: int = 1) -> bool:
             with _threads(threads):
                 A[:k0, k0:k1] = torch.linalg.solve_triangular(Vkk.t(), A[:k0, k0:k1], upper=False, left=False)
     return True
+
+
+def _refine_scales(W: torch.Tensor, H: torch.Tensor, qT: torch.Tensor, zeros: torch.Tensor,
+                   scales: torch.Tensor, g_idx: torch.Tensor, damp: float, stats: dict,
+                   budget: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-fit each row's group scales to GPTQ's integer levels: (scales, QT), the levels unchanged.
+
+    With the levels L = q - zero fixed, Q[n] = A_n s_n is linear in row n's G scales (A_n[k, g] =
+    L[n, k] if column k is in group g), so the loss (W - Q) H (W - Q)^T is minimised row by row by
+    s_n = (A_n^T H A_n)^-1 A_n^T H w_n. GPTQ picked each grid before the error feedback that followed
+    it; this fits all of them to the final levels at once. Rows whose fitted (fp16-rounded) scales
+    do not lower their loss keep the old ones. H is damped as in the solve; mean diag * damp.
+    """
+    K, N = qT.shape
+    G = scales.shape[0]
+    Hd = H.clone()
+    Hd.diagonal().add_(damp)
+    g = g_idx.long()
+    onehot = torch.nn.functional.one_hot(g, G).to(W.dtype)  # [K, G]
+    L = (qT.t() - zeros[g].t()).to(W.dtype)  # [N, K]
+    new = scales.clone()
+    rows = max(1, budget // (K * G))
+    for n0 in range(0, N, rows):
+        Ln, Wn = L[n0:n0 + rows], W[n0:n0 + rows]
+        # T[n, k, g'] = sum over k' in group g' of H[k, k'] L[n, k']
+        T = torch.einsum("nj,jg,kj->nkg", Ln, onehot, Hd)
+        M = torch.einsum("nk,kg,nkh->ngh", Ln, onehot, T)  # A^T H A  [n, G, G]
+        b = (Ln * (Wn @ Hd)) @ onehot                      # A^T H w  [n, G]
+        ridge = 1e-6 * M.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-30)
+        M.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+        s = torch.linalg.solve(M, b).to(torch.float16).float()
+        new[:, n0:n0 + rows] = torch.where(torch.isfinite(s) & (s > 0), s, scales[:, n0:n0 + rows].t()).t()
+    Q_old = L * scales[g].t()
+    Q_new = L * new[g].t()
+
+    def row_loss(Q):
+        E = W - Q
+        return ((E @ Hd) * E).sum(dim=1)
+    old_loss, new_loss = row_loss(Q_old), row_loss(Q_new)
+    better = new_loss < old_loss
+    stats["refined_rows"] = int(better.sum())
+    stats["refine_gain"] = float(1 - new_loss[better].sum() / old_loss[better].sum()) if bool(better.any()) else 0.0
+    scales = torch.where(better[None, :], new, scales)
+    return scales, (L * scales[g].t()).t().contiguous()
 
 
 def _dequantize(q, zeros, scales, g_idx) -> torch.Tensor:

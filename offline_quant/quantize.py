@@ -9,16 +9,21 @@ The pipeline (the GPTQ paper's, as in its reference llama.py):
    order accumulate H from the block's forward over the calibration set (stopping right before the
    group's last Linear runs), solve, and write the dequantized Q back, so that later groups see the
    quantized outputs of earlier ones. Then run the quantized block to produce the next block's inputs.
+   With fp targets (GPTAQ), the block's fp copy runs beside it on the fp model's inputs, and each
+   Linear is fit to reproduce its fp outputs from its quantized inputs (gptq.GPTQ.add_batch).
 3. lm_head (opt-in) is quantized last on the final norm's output; embeddings and norms stay fp.
 
-Memory: the fp model plus one [nsamples, seqlen, hidden] activation buffer, updated in place, plus
-one group's Hessians. Resume: after each block, the block's packed tensors, the next block's inputs
-and the report so far go to `<out>.partial/` (each file written to a temporary name and renamed; the
-state file last). Rerunning the same command continues from there and writes a bit-identical
+Memory: the model's embeddings and norms, one block's Linear weights at a time (BlockWeights), one
+[nsamples, seqlen, hidden] activation buffer updated in place (two with fp targets: the fp model's
+inputs as well), plus one group's Hessians.
+
+Resume: after each block, the block's packed tensors, the next block's inputs and the report so far
+go to `<out>.partial/` (each file written to a temporary name and renamed; the state file last). Rerunning the same command continues from there and writes a bit-identical
 model.safetensors; different settings refuse to resume.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import hashlib
@@ -42,6 +47,10 @@ DEFAULT_CALIB = ("mix",)  # Shakespeare + Python docs: generalizes better than e
 DEFAULT_NSAMPLES = 128
 DEFAULT_SEQLEN = 512  # the paper uses 128 x 2048; 512 tokens suffice for small models and 4x faster
 DEFAULT_BATCH = 8
+# Block forwards are ~3/4 of a run; bf16 matmuls are ~4x faster than fp32 on AVX512-BF16 CPUs and
+# GPUs, and cost no measurable quality (benchmarks/quality.py, README). Weights and solves stay fp32.
+FORWARD_DTYPES = ("bf16", "fp32")
+DEFAULT_FORWARD_DTYPE = "bf16"
 METHODS = ("gptq", "rtn")
 CAUSAL_LM_ARCHS = ("CausalLM", "LMHeadModel", "ForConditionalGeneration")  # config.json architectures
 STATE_VERSION = 1
@@ -62,6 +71,11 @@ class Calibration:
     nsamples: int = DEFAULT_NSAMPLES
     seqlen: int = DEFAULT_SEQLEN
     seed: int = 0
+    forward_dtype: str = DEFAULT_FORWARD_DTYPE
+
+    def autocast(self):
+        """The context the decoder blocks run in: bf16 matmuls (H still accumulates in fp32)."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.forward_dtype == "bf16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +179,46 @@ def capture_block_inputs(model, blocks: torch.nn.ModuleList, ids: torch.Tensor, 
     return hidden, kwargs
 
 
+class BlockWeights:
+    """A block's Linear weights in private memory only while the block is being quantized.
+
+    transformers maps the checkpoint files and reads weights from the mapping: every page read
+    counts in RSS until the process ends, so a plain run ends up holding the whole fp model.
+    Reading a block's weights with a short-lived safe_open (its mapping closed right after) and
+    dropping them once the block is done keeps one block's weights live at a time. A weight not
+    found under its own name in the files is copied from the model instead (no saving, same result).
+    """
+
+    def __init__(self, model_dir: Path):
+        index = model_dir / "model.safetensors.index.json"
+        if index.exists():
+            self.where = {k: model_dir / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            from safetensors import safe_open
+            self.where = {}
+            for f in sorted(model_dir.glob("*.safetensors")):
+                with safe_open(f, "pt") as fh:
+                    self.where.update(dict.fromkeys(fh.keys(), f))
+
+    def load(self, linears: dict[str, torch.nn.Linear]) -> None:
+        from safetensors import safe_open
+        for name, module in linears.items():
+            w, f = module.weight, self.where.get(f"{name}.weight")
+            t = None
+            if f is not None:
+                with safe_open(f, "pt") as fh:
+                    t = fh.get_tensor(f"{name}.weight").to(w.dtype)
+            if t is None or t.shape != w.shape:
+                t = w.detach().clone()
+            module.weight = torch.nn.Parameter(t, requires_grad=False)
+
+    @staticmethod
+    def drop(linears: dict[str, torch.nn.Linear]) -> None:
+        """The packed tensors hold the result; nothing reads these weights again."""
+        for module in linears.values():
+            module.weight = torch.nn.Parameter(module.weight.new_empty(0), requires_grad=False)
+
+
 def _block_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -229,44 +283,56 @@ def _pack(module: torch.nn.Linear, result, lcfg: fmt.QuantConfig, checkpoint_for
 
 
 @torch.no_grad()
+def _inputs_of(block, members: list[str], x: torch.Tensor, kw: dict[str, Any], autocast) -> dict[str, torch.Tensor]:
+    """What each of the block's Linears `members` receives when the block runs on x (stops after the last)."""
+    modules = dict(block.named_modules())
+    got: dict[str, torch.Tensor] = {}
+    handles = []
+    for m in members:
+        def hook(module, args, m=m):
+            got[m] = args[0]
+            if m == members[-1]:
+                raise _StopForward
+        handles.append(modules[m].register_forward_pre_hook(hook))
+    try:
+        with autocast():
+            block(x, **kw)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+@torch.no_grad()
 def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.Linear, fmt.QuantConfig, str]],
-                   inps: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice],
-                   cfg: fmt.QuantConfig, block_index: int, progress: Callable[[str], None]):
+                   acts: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice],
+                   cfg: fmt.QuantConfig, block_index: int, progress: Callable[[str], None], autocast,
+                   fp_block=None):
     """Hessians of `members` from the block's forward over the calibration set, then GPTQ each.
 
-    Members reading the same input share one Hessian (accumulated once, copied). The forward stops
+    acts[0] holds the block's inputs in the quantized model; with fp targets (fp_block: the block's
+    fp copy), acts[1] holds them in the fp model, and each Linear is fit to its fp outputs.
+    Members reading the same input share one Hessian (accumulated once, copied). The forwards stop
     before the last member runs: nothing after it is needed.
     """
     from vllm_gptq_plugin.offline_quant.gptq import GPTQ
     gptq = {m: GPTQ(layers[m][0], layers[m][2]) for m in members}
     alias: dict[str, str] = {}
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for m in members:
-        def hook(module, args, m=m):
-            x = args[0]
-            src = next((s for s, t in seen.items() if t is x), None)
+    for b, sl in enumerate(batches):
+        xs = _inputs_of(block, members, acts[0][sl], kwargs[b], autocast)
+        targets = _inputs_of(fp_block, members, acts[1][sl], kwargs[b], autocast) if fp_block else {}
+        for i, m in enumerate(members):
+            src = next((s for s in members[:i] if xs[s] is xs[m]), None)
             if src is None:
-                gptq[m].add_batch(x)
+                gptq[m].add_batch(xs[m], targets.get(m))
             else:
                 alias[m] = src
-            seen[m] = x
-            if m == members[-1]:
-                raise _StopForward
-        handles.append(layers[m][0].register_forward_pre_hook(hook))
-    try:
-        for b, sl in enumerate(batches):
-            seen.clear()
-            try:
-                block(inps[sl], **kwargs[b])
-            except _StopForward:
-                pass
-    finally:
-        seen.clear()
-        for h in handles:
-            h.remove()
+        del xs, targets
     for m, src in alias.items():
         gptq[m].H = gptq[src].H.clone()
+        gptq[m].C = None if gptq[src].C is None else gptq[src].C.clone()
         gptq[m].nsamples = gptq[src].nsamples
     packed, rows = {}, []
     for m in members:
@@ -287,10 +353,11 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
 
 
 @torch.no_grad()
-def run_block(block, inps: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice]) -> None:
+def run_block(block, inps: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice], autocast) -> None:
     """inps <- block(inps), batch by batch in place: only one activation buffer is ever live."""
     for b, sl in enumerate(batches):
-        inps[sl] = _block_output(block(inps[sl], **kwargs[b]))
+        with autocast():
+            inps[sl] = _block_output(block(inps[sl], **kwargs[b]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,11 +464,14 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
     model_dir, out = Path(model_dir), Path(out).absolute()
     if method not in METHODS:
         raise fmt.FormatError(f"unknown method {method!r}: choose one of {METHODS}")
+    if calib.forward_dtype not in FORWARD_DTYPES:
+        raise fmt.FormatError(f"unknown forward dtype {calib.forward_dtype!r}: choose one of {FORWARD_DTYPES}")
     if out.exists() and not overwrite:  # fail before the slow part
         raise fmt.FormatError(f"{out} already exists: choose another output folder or pass --overwrite")
     if threads:
         torch.set_num_threads(threads)
     model, src_dtype = load_causal_lm(model_dir)
+    memory = {**_memory(model, cfg, calib, method), "baseline_rss_mb": baseline_mb}  # before weights are dropped
     cfg = dataclasses.replace(cfg, meta={**cfg.meta, "quantizer": "vllm-gptq-plugin", "method": method})
     targets = checkpoint.quantizable_linears(model, cfg)  # refuses shapes the format cannot hold
     bars = _bars(progress)
@@ -418,7 +488,7 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
     rep = {"method": method, "config": cfg.to_dict(), "calibration": calib_info,
            "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t_start,
            "peak_rss_mb": rpt.peak_rss_mb(),
-           "memory": {**_memory(model, calib, method), "baseline_rss_mb": baseline_mb},
+           "memory": memory,
            "layers": rows, "sensitivity": rpt.sensitivity(rows)}
     path = checkpoint.write(model, packed, cfg, out, model_dir, overwrite,
                             {rpt.REPORT_FILE: rpt.to_json(rep)}, dtype=src_dtype)
@@ -427,10 +497,11 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
     return path, rep
 
 
-def _memory(model, calib: Calibration, method: str) -> dict[str, float]:
+def _memory(model, cfg: fmt.QuantConfig, calib: Calibration, method: str) -> dict[str, float]:
     unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied lm_head counted once
     model_mb = sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
-    act_mb = 0.0 if method == "rtn" else calib.nsamples * calib.seqlen * model.config.hidden_size * 4 / 2**20
+    paths = 2 if cfg.meta.get("fp_targets") else 1  # activation buffers: quantized model (and fp model)
+    act_mb = 0.0 if method == "rtn" else paths * calib.nsamples * calib.seqlen * model.config.hidden_size * 4 / 2**20
     return {"model_mb": model_mb, "activations_mb": act_mb, "bound_mb": 1.5 * model_mb + act_mb}
 
 
@@ -457,14 +528,19 @@ def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, cali
     ids = data.calibration_samples(tokenizer, list(calib.sources), calib.nsamples, calib.seqlen, calib.seed)
     prefix, blocks = decoder_blocks(model)
     batches = batch_slices(ids.shape[0], batch_size)
+    fp_targets = bool(cfg.meta.get("fp_targets", False))
+    weights = BlockWeights(model_dir)
     work = WorkState(out, _run_key(model_dir, cfg, calib, "gptq", batch_size, ids))
     state = work.load(resume)
     if state is None:
         start, packed, rows = 0, {}, []
-        inps, kwargs = capture_block_inputs(model, blocks, ids, batches)
+        hidden, kwargs = capture_block_inputs(model, blocks, ids, batches)
+        # [paths, n, L, D]: inputs in the quantized model, and with fp targets in the fp model too
+        acts = torch.stack([hidden, hidden]) if fp_targets else hidden[None]
+        del hidden
     else:
         start, rows = state["done"], state["rows"]
-        packed, inps = work.restore(state)
+        packed, acts = work.restore(state)
         _, kwargs = capture_block_inputs(model, blocks, ids, batches, keep_hidden=False)
         log.info("resuming from %s: %d of %d blocks already quantized", work.dir, start, len(blocks))
     block_bar = bars(total=len(blocks), initial=start, desc="blocks", unit="block")
@@ -474,25 +550,33 @@ def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, cali
         layers = {name[len(bprefix):]: (module, lcfg, name) for name, (module, lcfg) in targets.items()
                   if name.startswith(bprefix)}
         block_kw = [kw[i] for kw in kwargs]
+        linears = {full: module for module, _, full in layers.values()}
+        weights.load(linears)
         if groups is None or set(layers) != {n for g in groups for n in g}:  # else same as the last block
-            groups = sequential_groups(block, list(layers), inps[batches[0]], block_kw[0], cfg.true_sequential)
+            groups = sequential_groups(block, list(layers), acts[0][batches[0]], block_kw[0], cfg.true_sequential)
         layer_bar = bars(total=len(layers), desc=f"block {i}", unit="layer", leave=False)
         block_packed = {}
+        fp_block = copy.deepcopy(block) if fp_targets else None
         for members in groups:
             def step(name):
                 layer_bar.set_postfix_str(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
-            p, r = quantize_group(block, members, layers, inps, block_kw, batches, cfg, i, step)
+            p, r = quantize_group(block, members, layers, acts, block_kw, batches, cfg, i, step, calib.autocast,
+                                  fp_block)
             layer_bar.update(len(members))
             block_packed.update(p)
             rows.extend(r)
         layer_bar.close()
-        run_block(block, inps, block_kw, batches)
+        run_block(block, acts[0], block_kw, batches, calib.autocast)
+        if fp_block is not None:
+            run_block(fp_block, acts[1], block_kw, batches, calib.autocast)
+            del fp_block
+        weights.drop(linears)
         packed.update(block_packed)
-        work.save(i + 1, block_packed, inps, rows)
+        work.save(i + 1, block_packed, acts, rows)
         block_bar.update(1)
     block_bar.close()
     if "lm_head" in targets:
-        packed["lm_head"], row = _lm_head(model, targets["lm_head"], inps, batches, cfg)
+        packed["lm_head"], row = _lm_head(model, targets["lm_head"], acts[0], batches, cfg)
         rows.append(row)
     return packed, rows
 
@@ -555,6 +639,10 @@ def add_arguments(p) -> None:
     p.add_argument("--static-groups", action="store_true", help="group grids fixed before the solve")
     p.add_argument("--damp-percent", type=float, default=0.01, help="damping, a fraction of mean diag(H)")
     p.add_argument("--mse", action="store_true", help="MSE-optimal clipping of each group's grid")
+    p.add_argument("--fp-targets", action="store_true",
+                   help="fit each layer to the fp model's outputs, not its own on quantized inputs (GPTAQ)")
+    p.add_argument("--refine-scales", action="store_true",
+                   help="re-fit group scales to GPTQ's levels by least squares on H after the solve")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="quantize all of a block's Linears from fp inputs (faster, slightly worse)")
     p.add_argument("--format", dest="checkpoint_format", choices=fmt.FORMATS, default="gptq")
@@ -568,6 +656,8 @@ def add_arguments(p) -> None:
     p.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES)
     p.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--forward-dtype", choices=FORWARD_DTYPES, default=DEFAULT_FORWARD_DTYPE,
+                   help="dtype of the calibration forward passes (bf16: ~2-4x faster on CPU)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="calibration samples per forward")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue an interrupted run of the same command (the default)")
@@ -584,12 +674,12 @@ def config_from_args(args) -> fmt.QuantConfig:
                            static_groups=args.static_groups, sym=not args.asym,
                            damp_percent=args.damp_percent, true_sequential=args.true_sequential,
                            checkpoint_format=args.checkpoint_format, lm_head=args.lm_head, dynamic=dynamic,
-                           meta={"mse": True} if args.mse else {})
+                           meta={k: True for k in ("mse", "fp_targets", "refine_scales") if getattr(args, k)})
 
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    calib = Calibration(tuple(args.calib), args.nsamples, args.seqlen, args.seed)
+    calib = Calibration(tuple(args.calib), args.nsamples, args.seqlen, args.seed, args.forward_dtype)
     path, rep = quantize_model(args.model, args.out, cfg, calib, method=args.method, resume=args.resume,
                                overwrite=args.overwrite, batch_size=args.batch_size, threads=args.threads,
                                progress=args.progress)

@@ -189,6 +189,51 @@ def test_mse_gptq_option():
     _assert_round_trip(res, cfg)
 
 
+@pytest.mark.parametrize("kw", CONFIGS[:4], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_refine_scales_keeps_levels_and_lowers_every_rows_loss(kw):
+    base, H, layer, X = run_gptq(fmt.QuantConfig(**kw))
+    cfg = fmt.QuantConfig(**kw, meta={"refine_scales": True})
+    res, *_ = run_gptq(cfg)
+    assert torch.equal(res.q, base.q) and torch.equal(res.zeros, base.zeros) and torch.equal(res.g_idx, base.g_idx)
+    W = layer.weight.detach()
+    row_loss = lambda Q: (((W - Q) @ H) * (W - Q)).sum(dim=1)  # noqa: E731
+    assert bool((row_loss(res.Q) <= row_loss(base.Q) * (1 + 1e-5)).all())
+    if kw["group_size"] != -1:  # per-channel: one scale per row, nothing to re-fit jointly
+        assert res.stats["refined_rows"] > 0 and row_loss(res.Q).sum() < row_loss(base.Q).sum()
+    _assert_round_trip(res, cfg)
+
+
+def _fp_target_run(cfg, X, Xfp, layer):
+    g = GPTQ(layer, name="test.layer")
+    for xb, tb in zip(X.chunk(4), Xfp.chunk(4)):
+        g.add_batch(xb, tb)
+    return g.fasterquant(cfg)
+
+
+def test_fp_targets_equal_plain_gptq_when_inputs_are_exact():
+    cfg = fmt.QuantConfig(bits=4, group_size=64, desc_act=True, sym=False)
+    base, _, layer, X = run_gptq(cfg)
+    res = _fp_target_run(cfg, X, X, layer)
+    torch.testing.assert_close(res.Q, base.Q, rtol=0, atol=1e-6)
+
+
+def test_fp_targets_fit_the_fp_outputs_better():
+    """Quantized-model inputs X differ from the fp model's X~ (upstream error): fitting Q X to W X~
+    beats fitting it to W X, and beats RTN."""
+    cfg = fmt.QuantConfig(bits=3, group_size=64, sym=False)
+    layer, Xfp = make_layer(), correlated_inputs()
+    g = torch.Generator().manual_seed(7)
+    X = Xfp + 0.1 * Xfp @ (torch.randn(K, K, generator=g) / K ** 0.5)  # an upstream distortion
+    W = layer.weight.detach()
+    err = lambda Q: float(torch.linalg.norm(X @ Q.t() - Xfp @ W.t()))  # noqa: E731
+    plain, *_ = run_gptq(cfg, layer=layer, X=X)
+    fitted = _fp_target_run(cfg, X, Xfp, layer)
+    rtn_q = rtn.quantize_weight(W, cfg)
+    assert err(fitted.Q) < 0.9 * err(plain.Q)
+    assert err(fitted.Q) < err(gptq_mod._dequantize(*rtn_q))
+    _assert_round_trip(fitted, cfg)
+
+
 def test_act_order_g_idx():
     cfg = fmt.QuantConfig(bits=4, group_size=32, desc_act=True)
     res, H, *_ = run_gptq(cfg)

@@ -95,6 +95,17 @@ def test_gptq_stays_closer_to_fp_than_rtn_on_calibration_text(tiny_llama, tmp_pa
     assert 0 < kl_gptq < 0.7 * kl_rtn, (kl_gptq, kl_rtn)
 
 
+def test_fp_targets_stay_closer_to_fp_than_rtn(tiny_llama, tmp_path):
+    cfg = api.QuantConfig(bits=3, group_size=64, meta={"fp_targets": True, "refine_scales": True})
+    gptq = api.quantize(tiny_llama, tmp_path / "gptq", cfg, **CALIB)
+    rtn = api.quantize(tiny_llama, tmp_path / "rtn", cfg, method="rtn", progress=False)
+    ids = _calib_ids(tiny_llama)
+    fp = api.load(tiny_llama)
+    kl_gptq, kl_rtn = _kl_to_fp(api.load(gptq), fp, ids), _kl_to_fp(api.load(rtn), fp, ids)
+    assert 0 < kl_gptq < 0.7 * kl_rtn, (kl_gptq, kl_rtn)
+    assert json.loads((gptq / "quant_report.json").read_text())["memory"]["activations_mb"] > 0
+
+
 def test_rules_and_skips_give_mixed_precision(tiny_llama, tmp_path):
     out = tmp_path / "mixed"
     rc = cli.main(["quantize", "--model", str(tiny_llama), "--out", str(out), "--bits", "4",

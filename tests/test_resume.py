@@ -108,3 +108,18 @@ def test_resume_after_kill_9_is_bit_identical(tiny_llama, reference, tmp_path):
     assert not out.exists() and (tmp_path / "q.partial" / "state.json").exists()
     path = api.quantize(tiny_llama, out, api.QuantConfig(**CFG), **RUN)
     assert _weights(path) == _weights(reference)
+
+
+def test_fp_targets_resume_bit_identical(tiny_llama, tmp_path, monkeypatch):
+    """With fp targets the state holds two activation buffers (quantized and fp model): both resume."""
+    cfg = {**CFG, "meta": {"fp_targets": True}}
+    ref = api.quantize(tiny_llama, tmp_path / "ref", api.QuantConfig(**cfg), **RUN)
+    out = tmp_path / "q"
+    with monkeypatch.context() as m:
+        _crash_after_first_block(m)
+        with pytest.raises(Crash):
+            api.quantize(tiny_llama, out, api.QuantConfig(**cfg), **RUN)
+    state = json.loads((tmp_path / "q.partial" / "state.json").read_text())
+    assert state["inputs_shape"][0] == 2
+    path = api.quantize(tiny_llama, out, api.QuantConfig(**cfg), **RUN)
+    assert _weights(path) == _weights(ref)
