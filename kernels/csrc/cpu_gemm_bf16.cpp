@@ -107,39 +107,42 @@ struct Rows8 {
   }
 };
 
-// c[R][64] += s * (x[R, seg] . panel) + o * xsum[R]
-template <int R, class W>
-inline void micro(const W& w, const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t npairs,
-                  float* c, int64_t g, int64_t n, const float* xsum, int64_t ldxs) {
+// c[R][64] += s * (x[R, seg] . panel): the offset term was added when c was initialized.
+template <int R>
+inline void micro(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t npairs, float* c,
+                  const float* s) {
   __m512 acc[R][4];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < npairs; ++p) {
+  for (int64_t p = 0; p < npairs; ++p) {  // npairs >= 1 (check_args)
     __m512bh b[4];
+    #pragma GCC unroll 8
     for (int j = 0; j < 4; ++j) b[j] = (__m512bh)_mm512_load_si512(panel + p * 128 + 32 * j);
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       int32_t pair;
       std::memcpy(&pair, x + r * ldx + 2 * p, 4);
       __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      #pragma GCC unroll 8
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
     }
   }
-  for (int j = 0; j < 4; ++j) {
-    __m512 s, o;
-    w.group(g, n + 16 * j, s, o);
-    for (int r = 0; r < R; ++r) {
-      float* cj = c + r * NB + 16 * j;
-      __m512 v = _mm512_fmadd_ps(acc[r][j], s, _mm512_loadu_ps(cj));
-      _mm512_storeu_ps(cj, _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * ldxs]), o, v));
-    }
-  }
+  __m512 sv[4];
+  #pragma GCC unroll 8
+  for (int j = 0; j < 4; ++j) sv[j] = _mm512_load_ps(s + 16 * j);
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
+    for (int j = 0; j < 4; ++j)
+      _mm512_store_ps(c + r * NB + 16 * j, _mm512_fmadd_ps(acc[r][j], sv[j], _mm512_load_ps(c + r * NB + 16 * j)));
 }
 
-template <class W>
-void run_rows(const W& w, int64_t rows, const uint16_t* x, int64_t K, const uint16_t* panel, int64_t k0,
-              int64_t npairs, float* c, int64_t g, int64_t n, const float* xsum, int64_t S) {
+void run_rows(int64_t rows, const uint16_t* x, int64_t K, const uint16_t* panel, int64_t npairs, float* c,
+              const float* s) {
   switch (rows) {
-#define CASE(R) case R: micro<R>(w, x + k0, K, panel, npairs, c, g, n, xsum, S); break;
+#define CASE(R) case R: micro<R>(x, K, panel, npairs, c, s); break;
     CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
 #undef CASE
   }
@@ -148,40 +151,56 @@ void run_rows(const W& w, int64_t rows, const uint16_t* x, int64_t K, const uint
 // segs int64 [S, 3]: (k0, k1, group) with even k0/k1, k1 - k0 <= kMaxSeg, covering K in order.
 constexpr int64_t kMaxSeg = 256;
 
+template <typename T>
+std::unique_ptr<T[], decltype(&std::free)> aligned(int64_t n) {
+  return {static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)), &std::free};
+}
+
 template <class W>
 void gemm(const W& w, const uint16_t* x, int64_t M, int64_t K, int64_t N, const int64_t* segs, int64_t S,
           uint16_t* y) {
-  std::vector<float> xsum(M * S);
+  std::vector<float> xsum(M * S);  // sum of x over each segment: multiplies the group offsets
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);  // bf16 1.0
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t si = 0; si < S; ++si) {
-        float t = 0.f;
-        for (int64_t k = segs[3 * si]; k < segs[3 * si + 1]; ++k) {
-          uint32_t u = static_cast<uint32_t>(x[m * K + k]) << 16;
-          float f;
-          std::memcpy(&f, &u, 4);
-          t += f;
+        __m512 t = _mm512_setzero_ps();
+        for (int64_t k = segs[3 * si]; k < segs[3 * si + 1]; k += 32) {
+          const __mmask32 live = _cvtu32_mask32(~0u >> (32 - std::min<int64_t>(32, segs[3 * si + 1] - k)));
+          t = _mm512_dpbf16_ps(t, (__m512bh)_mm512_maskz_loadu_epi16(live, x + m * K + k), ones);
         }
-        xsum[m * S + si] = t;
+        xsum[m * S + si] = _mm512_reduce_add_ps(t);
       }
   });
   at::parallel_for(0, N / NB, 1, [&](int64_t b0, int64_t b1) {
-    auto panel = std::unique_ptr<uint16_t[], decltype(&std::free)>(
-        static_cast<uint16_t*>(std::aligned_alloc(64, kMaxSeg / 2 * 128 * 2)), &std::free);
-    std::vector<float> c(M * NB);
+    auto panel = aligned<uint16_t>(kMaxSeg / 2 * 128);
+    auto scale = aligned<float>(S * NB), offset = aligned<float>(S * NB), c = aligned<float>(M * NB);
     for (int64_t b = b0; b < b1; ++b) {
-      std::fill(c.begin(), c.end(), 0.f);
+      for (int64_t si = 0; si < S; ++si)
+        for (int j = 0; j < 4; ++j) {
+          __m512 sv, ov;
+          w.group(segs[3 * si + 2], b * NB + 16 * j, sv, ov);
+          _mm512_store_ps(scale.get() + si * NB + 16 * j, sv);
+          _mm512_store_ps(offset.get() + si * NB + 16 * j, ov);
+        }
+      for (int64_t m = 0; m < M; ++m)  // c = sum over segments of offset * xsum
+        for (int j = 0; j < 4; ++j) {
+          __m512 v = _mm512_setzero_ps();
+          for (int64_t si = 0; si < S; ++si)
+            v = _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * S + si]), _mm512_load_ps(offset.get() + si * NB + 16 * j), v);
+          _mm512_store_ps(c.get() + m * NB + 16 * j, v);
+        }
       for (int64_t si = 0; si < S; ++si) {
-        const int64_t k0 = segs[3 * si], npairs = (segs[3 * si + 1] - k0) / 2, g = segs[3 * si + 2];
+        const int64_t k0 = segs[3 * si], npairs = (segs[3 * si + 1] - k0) / 2;
         w.unpack(b, k0, npairs, panel.get());
         for (int64_t m = 0; m < M; m += MR)
-          run_rows(w, std::min(MR, M - m), x + m * K, K, panel.get(), k0, npairs, c.data() + m * NB, g,
-                   b * NB, xsum.data() + m * S + si, S);
+          run_rows(std::min(MR, M - m), x + m * K + k0, K, panel.get(), npairs, c.get() + m * NB,
+                   scale.get() + si * NB);
       }
       for (int64_t m = 0; m < M; ++m)
         for (int j = 0; j < 4; ++j)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + b * NB + 16 * j),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c.data() + m * NB + 16 * j)));
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c.get() + m * NB + 16 * j)));
     }
   });
 }
