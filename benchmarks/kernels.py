@@ -5,10 +5,11 @@
     python benchmarks/kernels.py --gpu                # Triton vs cuBLAS fp16, 4096x4096 and 4096x14336
 
 Columns per shape, M and bits: dense bf16 and fp32 F.linear (ms); gptq_gemm with bf16 activations
-(ms) and the path the dispatch took; both candidate paths of int4pack layers forced (int4pack kernel,
-dequantized W^T tiles + GEMM) to re-tune kernels.INT4PACK_MAX_M; speedup = dense / gptq (> 1 is
-faster); resident weight memory / bf16. Targets (issue 5): M=1 speedup vs bf16 >= 3.5; M >= 64
-speedup >= 1/1.2 = 0.83; memory <= 0.3 (8-bit values alone are 0.5x bf16).
+(ms) and the path the dispatch took (kernels.cpu_path); the candidate paths forced where the layer's
+layout allows them (int4pack kernel, fused bf16 kernel, dequantized W^T tiles + GEMM), to re-tune the
+dispatch; speedup = dense / gptq (> 1 is faster); resident weight memory / bf16. Targets (issue 5):
+M=1 speedup vs bf16 >= 3.5; M >= 64 speedup >= 1/1.2 = 0.83; memory <= 0.3 (8-bit values alone are
+0.5x bf16); 8-bit faster than bf16 at small M.
 """
 from __future__ import annotations
 
@@ -33,12 +34,6 @@ def time_ms(fn, min_time: float, min_reps: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times) * 1e3
-
-
-def path_taken(w: kernels.PreparedWeights, m: int) -> str:
-    if w.backend == "int4pack":
-        return "int4pack" if m <= kernels.INT4PACK_MAX_M else "int4pack-tiles"
-    return "dequant-tiles"
 
 
 def gpu_table(args) -> None:
@@ -85,8 +80,8 @@ def main() -> None:
     ext = "compiled" if cpu_ext.load() is not None else "torch ops (extension not built)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, group_size {args.group_size}, "
           f"act_order {args.act_order}, dequantizer: {ext}; ms per call (best of >= 5)")
-    header = (f"{'K x N':>11} {'M':>4} {'bits':>4} {'bf16':>8} {'fp32':>8} {'gptq':>8} {'path':>14} "
-              f"{'int4pack':>8} {'tiles':>8} {'vs bf16':>7} {'vs fp32':>7} {'mem/bf16':>8}")
+    header = (f"{'K x N':>11} {'M':>4} {'bits':>4} {'bf16':>8} {'fp32':>8} {'gptq':>8} {'path':>8} "
+              f"{'int4pack':>8} {'fused':>8} {'tiles':>8} {'vs bf16':>7} {'vs fp32':>7} {'mem/bf16':>8}")
     print(header)
     print("-" * len(header))
     for k, n in shapes:
@@ -101,14 +96,14 @@ def main() -> None:
             t_fp32 = time_ms(lambda: torch.nn.functional.linear(x32, dense_fp32), min_time)
             for bits, w in layers.items():
                 t_q = time_ms(lambda: kernels.gptq_gemm(x, w), min_time)
-                forced = "       -        -"
-                if w.backend == "int4pack":
-                    t_i = time_ms(lambda: cpu.int4pack_gemm(x, w.impl), min_time)
-                    t_t = time_ms(lambda: cpu.dequant_gemm(x, w.impl), min_time)
-                    forced = f"{t_i:>8.3f} {t_t:>8.3f}"
+                forced = {name: time_ms(lambda: fn(x, w.impl), min_time) if ok else None for name, ok, fn in (
+                    ("int4pack", w.backend == "int4pack", cpu.int4pack_gemm),
+                    ("fused", w.impl.segments is not None, cpu.fused_gemm),
+                    ("tiles", w.backend == "int4pack" or w.impl.q.dim() == 2, cpu.dequant_gemm))}
+                forced = " ".join(f"{t:>8.3f}" if t is not None else f"{'-':>8}" for t in forced.values())
                 mem = w.nbytes() / (n * k * 2)
                 print(f"{f'{k}x{n}':>11} {m:>4} {bits:>4} {t_bf16:>8.3f} {t_fp32:>8.3f} {t_q:>8.3f} "
-                      f"{path_taken(w, m):>14} {forced} {t_bf16 / t_q:>6.2f}x {t_fp32 / t_q:>6.2f}x "
+                      f"{kernels.cpu_path(w, m):>8} {forced} {t_bf16 / t_q:>6.2f}x {t_fp32 / t_q:>6.2f}x "
                       f"{mem:>8.3f}", flush=True)
 
 

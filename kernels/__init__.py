@@ -8,11 +8,14 @@ them (`can_implement`, FormatError with the reason) and repacks them once for th
 Dispatch by device, bits, dtype and M happens here and nowhere else:
 
     CUDA/ROCm          -> triton_gemm (every bits / group size / act-order; split-K for small M)
-    CPU, bits <= 4,    -> int4pack: torch._weight_int4pack_mm_for_cpu for M <= INT4PACK_MAX_M, else
-      N % 64 == 0,        W^T dequantized in cache-sized column tiles (cpu_ext) + one GEMM per tile
-      groups tile K
-    CPU, otherwise     -> dequant: uint8 weights, the same tiles + GEMM for every M (8-bit, odd N,
-                          act-order TP shards whose groups do not tile K)
+    CPU, bf16, AVX512-BF16, N % 64 == 0, group runs of even length (cpu.fused_segments)
+                       -> fused: one compiled kernel for every M, reading the 4-bit int4pack layout
+                          (bits <= 4) or blocked uint8 (8-bit) directly (kernels/csrc/cpu_gemm_bf16.cpp)
+    CPU, otherwise, bits <= 4, N % 64 == 0, groups tile K
+                       -> int4pack: torch._weight_int4pack_mm_for_cpu for M <= INT4PACK_MAX_M, else
+                          W^T dequantized in cache-sized column tiles (cpu_ext) + one GEMM per tile
+    CPU, otherwise     -> dequant: uint8 weights, the same tiles + GEMM for every M (fp16/fp32 8-bit,
+                          odd N, act-order TP shards whose groups do not tile K)
 
 The CPU paths compute in T = prepare's dtype (x of another dtype is cast to T and the result back).
 """
@@ -25,12 +28,13 @@ import torch
 from . import cpu, cpu_ext
 from .checks import can_implement, check_input, require
 
-__all__ = ["PreparedWeights", "prepare", "gptq_gemm", "can_implement", "choose_backend",
+__all__ = ["PreparedWeights", "prepare", "gptq_gemm", "can_implement", "choose_backend", "cpu_path",
            "INT4PACK_MAX_M"]
 
-# int4pack's time grows linearly with M; dequantizing W^T tiles costs a fixed ~1 ms per 4096x4096 plus
-# the dense GEMM. On the 2-core AVX-512 dev box (4096x4096, bf16, noisy) they cross between M = 16 and
-# 32; benchmarks/kernels.py prints both paths per M to re-tune this on a quiet machine.
+# For layers the fused kernel cannot serve (fp16/fp32, no AVX512-BF16). int4pack's time grows linearly
+# with M; dequantizing W^T tiles costs a fixed ~1 ms per 4096x4096 plus the dense GEMM. On the 2-core
+# AVX-512 dev box (4096x4096, bf16, noisy) they crossed between M = 16 and 32; benchmarks/kernels.py
+# prints the paths side by side per M.
 INT4PACK_MAX_M = 16
 BACKENDS = ("triton", "int4pack", "dequant")
 
@@ -85,6 +89,13 @@ def prepare(qweight, qzeros, scales, g_idx, *, bits: int, checkpoint_format: str
     return PreparedWeights(backend, impl, bits, checkpoint_format, k, n, dtype, device)
 
 
+def cpu_path(w: PreparedWeights, m: int) -> str:
+    """Which CPU kernel serves M rows: "fused" | "int4pack" | "tiles"."""
+    if w.impl.segments is not None:
+        return "fused"
+    return "int4pack" if w.backend == "int4pack" and m <= INT4PACK_MAX_M else "tiles"
+
+
 def gptq_gemm(x: torch.Tensor, w: PreparedWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
     require(check_input(x, w.in_features, w.device, bias, w.out_features))
     if w.backend == "triton":
@@ -97,10 +108,11 @@ def gptq_gemm(x: torch.Tensor, w: PreparedWeights, bias: torch.Tensor | None = N
     x2 = x.reshape(-1, w.in_features).to(w.dtype)
     if impl.perm is not None:
         x2 = x2.index_select(1, impl.perm)
-    if w.backend == "int4pack" and x2.shape[0] <= INT4PACK_MAX_M:
-        y = cpu.int4pack_gemm(x2.contiguous(), impl)
-    elif impl.segments is not None:
+    path = cpu_path(w, x2.shape[0])
+    if path == "fused":
         y = cpu.fused_gemm(x2, impl)
+    elif path == "int4pack":
+        y = cpu.int4pack_gemm(x2.contiguous(), impl)
     else:
         y = cpu.dequant_gemm(x2, impl)
     if bias is not None:

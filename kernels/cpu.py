@@ -99,7 +99,7 @@ def fused_gemm(x2: torch.Tensor, w: Int4PackWeights | DequantWeights) -> torch.T
     if isinstance(w, Int4PackWeights):
         cpu_ext.load().gemm_int4pack_bf16(x2, w.packed, w.scales_and_zeros, w.segments, y)
     else:
-        cpu_ext.load().gemm_rows8_bf16(x2, w.q, w.scales, w.zeros, w.segments, y)
+        cpu_ext.load().gemm_blocked8_bf16(x2, w.q, w.scales, w.zeros, w.segments, y)
     return y
 
 

@@ -164,7 +164,7 @@ void dequant_rows(torch::Tensor q, torch::Tensor g_idx, torch::Tensor scale, tor
 bool has_gemm_bf16();
 void gemm_int4pack_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, torch::Tensor segs,
                         torch::Tensor y);
-void gemm_rows8_bf16(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros,
+void gemm_blocked8_bf16(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros,
                      torch::Tensor segs, torch::Tensor y);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -172,5 +172,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_rows", &dequant_rows, "uint8 [K, N] rows -> out = W^T [K, n1-n0]");
   m.def("has_gemm_bf16", &has_gemm_bf16, "whether the fused bf16 dequant-GEMM was compiled (AVX512-BF16)");
   m.def("gemm_int4pack_bf16", &gemm_int4pack_bf16, "y = x @ W^T, W in int4pack layout");
-  m.def("gemm_rows8_bf16", &gemm_rows8_bf16, "y = x @ W^T, W as uint8 [K, N] rows");
+  m.def("gemm_blocked8_bf16", &gemm_blocked8_bf16, "y = x @ W^T, W as uint8 [N/64, K, 64]");
 }

@@ -1,12 +1,12 @@
-// Fused dequant-GEMM for bf16 activations on AVX512-BF16 CPUs (kernels/cpu.py calls it for every M
-// that does not go to torch's int4pack kernel, and for 8-bit at every M).
+// Fused dequant-GEMM for bf16 activations on AVX512-BF16 CPUs: kernels/cpu.py's `fused` path, every M.
 //
 // y[m, n] = sum_g s[g, n] * (sum_{k in g} x[m, k] * q[k, n]) + o[g, n] * (sum_{k in g} x[m, k])
 //
 // The integer q (0..255) is exact in bf16, so the inner loop is a plain bf16 GEMM (vdpbf16ps, fp32
 // accumulation) on q unpacked into a small L1 panel, and the group scale/offset is applied once per
 // group to the fp32 accumulators. No [K, N] bf16 copy of W is ever written: the panel is 64 channels x
-// one K segment (<= 256) and is reused by every row of x. Threads split the 64-channel blocks.
+// one K segment (<= 256) and is reused by every row of x (for M <= 4 the weights go straight to
+// registers instead). Threads split the 64-channel blocks.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -22,16 +22,22 @@ namespace {
 
 constexpr int64_t NB = 64;   // output channels per block (int4pack's block)
 constexpr int64_t MR = 6;    // rows of x per micro-kernel: 6 x 4 zmm accumulators
+constexpr int64_t kDirectMaxM = 4;  // up to this M, weights are unpacked into registers, not a panel
 
 inline __m512 bf16_lo(__m512i pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); }
 inline __m512 bf16_hi(__m512i pairs) {
   return _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(0xFFFF0000)));
 }
 
+// A weight layout gives, per (64-channel block b, row pair k, k+1): `pair`, the 4 zmm of bf16
+// (q[k, c], q[k+1, c]) for c = 0..63 (16 channels each) from `at(b, k)`, kPairBytes further per pair;
+// and `group`, the fp32 scale and offset (W = q * s + o) of 16 channels of one group.
+
 // int4pack layout (torch._convert_weight_to_int4pack_for_cpu): packed uint8 [N, K/2], byte k*32 + c of
 // 64-channel block b holds channel b*64+c (low nibble) and b*64+32+c (high nibble) of row k.
 // sz bf16 [K/gs, N, 2]: W = (q - 8) * s + zf.
 struct Int4Pack {
+  static constexpr int64_t kPairBytes = 64;
   const uint8_t* packed;
   const uint16_t* sz;
   int64_t K, N;
@@ -44,7 +50,7 @@ struct Int4Pack {
       uint32_t u;
       std::memcpy(&u, &f, 4);
       table[i] = static_cast<uint16_t>(u >> 16);
-      lo[i] = (i & 1) ? 32 + i / 2 : i / 2;             // (row k, row k+1) of byte column i/2
+      lo[i] = (i & 1) ? 32 + i / 2 : i / 2;  // (row k, row k+1) of byte column i/2
       hi[i] = (i & 1) ? 32 + 16 + i / 2 : 16 + i / 2;
     }
     lut = _mm512_load_si512(table);
@@ -52,22 +58,20 @@ struct Int4Pack {
     pick_hi = _mm512_load_si512(hi);
   }
 
-  // panel[p][0..127]: bf16 (q[k0+2p, c], q[k0+2p+1, c]) for c = 0..63 of block b.
-  void unpack(int64_t b, int64_t k0, int64_t npairs, uint16_t* panel) const {
-    const uint8_t* src = packed + b * K * 32 + k0 * 32;
-    for (int64_t p = 0; p < npairs; ++p, src += 64, panel += 128) {
-      __m512i r0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-      __m512i r1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32)));
-      __m512i v0 = _mm512_permutex2var_epi16(r0, pick_lo, r1);  // bytes of channels 0..15 | 32..47
-      __m512i v1 = _mm512_permutex2var_epi16(r0, pick_hi, r1);  // channels 16..31 | 48..63
-      _mm512_store_si512(panel, _mm512_permutexvar_epi16(v0, lut));
-      _mm512_store_si512(panel + 32, _mm512_permutexvar_epi16(v1, lut));
-      _mm512_store_si512(panel + 64, _mm512_permutexvar_epi16(_mm512_srli_epi16(v0, 4), lut));
-      _mm512_store_si512(panel + 96, _mm512_permutexvar_epi16(_mm512_srli_epi16(v1, 4), lut));
-    }
+  const uint8_t* at(int64_t b, int64_t k) const { return packed + b * K * 32 + k * 32; }
+
+  // vpermw as a 16-entry lookup: nibble -> its bf16, no int->float convert.
+  void pair(const uint8_t* src, __m512i out[4]) const {
+    __m512i r0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+    __m512i r1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32)));
+    __m512i v0 = _mm512_permutex2var_epi16(r0, pick_lo, r1);  // bytes of channels 0..15 | 32..47
+    __m512i v1 = _mm512_permutex2var_epi16(r0, pick_hi, r1);  // channels 16..31 | 48..63
+    out[0] = _mm512_permutexvar_epi16(v0, lut);
+    out[1] = _mm512_permutexvar_epi16(v1, lut);
+    out[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v0, 4), lut);
+    out[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v1, 4), lut);
   }
 
-  // scale and offset of 16 channels: W = q * s + o with o = zf - 8 s.
   void group(int64_t g, int64_t n, __m512& s, __m512& o) const {
     __m512i pairs = _mm512_loadu_si512(sz + (g * N + n) * 2);
     s = bf16_lo(pairs);
@@ -75,25 +79,26 @@ struct Int4Pack {
   }
 };
 
-// 8-bit: q uint8 [K, N] rows; scales, zeros bf16 [G, N]: W = (q - z) * s.
-struct Rows8 {
+// 8-bit: q uint8 [N/64, K, 64] (each block's rows contiguous); scales, zeros bf16 [G, N]: W = (q - z) * s.
+struct Blocked8 {
+  static constexpr int64_t kPairBytes = 128;
   const uint8_t* q;
   const uint16_t* scales;
   const uint16_t* zeros;
-  int64_t K, N, ld;  // ld: byte stride between rows k and k+1 of one block
+  int64_t K, N;
+
+  const uint8_t* at(int64_t b, int64_t k) const { return q + (b * K + k) * NB; }
 
   // q <= 255 has at most 8 significant bits: its fp32's low 16 bits are zero and its top half is its
-  // bf16, so each 32-bit panel lane is fp32(q[k+1]) | fp32(q[k]) >> 16.
-  void unpack(int64_t b, int64_t k0, int64_t npairs, uint16_t* panel) const {
-    const uint8_t* src = q + (ld == NB ? b * K * NB : b * NB) + k0 * ld;
-    for (int64_t p = 0; p < npairs; ++p, src += 2 * ld, panel += 128) {
-      for (int j = 0; j < 4; ++j) {
-        __m512i r0 = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * j)))));
-        __m512i r1 = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + ld + 16 * j)))));
-        _mm512_store_si512(panel + 32 * j, _mm512_or_si512(r1, _mm512_srli_epi32(r0, 16)));
-      }
+  // bf16, so each 32-bit lane is fp32(q[k+1]) | fp32(q[k]) >> 16.
+  void pair(const uint8_t* src, __m512i out[4]) const {
+    #pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      __m512i r0 = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * j)))));
+      __m512i r1 = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + NB + 16 * j)))));
+      out[j] = _mm512_or_si512(r1, _mm512_srli_epi32(r0, 16));
     }
   }
 
@@ -107,26 +112,52 @@ struct Rows8 {
   }
 };
 
-// c[R][64] += s * (x[R, seg] . panel): the offset term was added when c was initialized.
-template <int R>
-inline void micro(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t npairs, float* c,
-                  const float* s) {
+// Where the micro-kernel reads its bf16 weights from: the unpacked L1 panel (many rows of x share it)...
+struct Panel {
+  const uint16_t* panel;
+  void pair(int64_t p, __m512i out[4]) const {
+    #pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) out[j] = _mm512_load_si512(panel + p * 128 + 32 * j);
+  }
+};
+// ... or, for a few rows, straight from the packed weights (no panel round trip).
+template <class W>
+struct Direct {
+  const W& w;
+  const uint8_t* src;
+  void pair(int64_t p, __m512i out[4]) const { w.pair(src + p * W::kPairBytes, out); }
+};
+
+template <class W>
+void unpack(const W& w, int64_t b, int64_t k0, int64_t npairs, uint16_t* panel) {
+  const uint8_t* src = w.at(b, k0);
+  __m512i v[4];
+  for (int64_t p = 0; p < npairs; ++p, src += W::kPairBytes, panel += 128) {
+    w.pair(src, v);
+    #pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) _mm512_store_si512(panel + 32 * j, v[j]);
+  }
+}
+
+// c[R][64] += s * (x[R, seg] . W[seg, 64]): the offset term was added when c was initialized.
+// (#pragma unroll: without it gcc keeps acc[][] in memory around the loop.)
+template <int R, class Src>
+inline void micro(const uint16_t* x, int64_t ldx, const Src& src, int64_t npairs, float* c, const float* s) {
   __m512 acc[R][4];
   #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
     #pragma GCC unroll 8
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < npairs; ++p) {  // npairs >= 1 (check_args)
-    __m512bh b[4];
-    #pragma GCC unroll 8
-    for (int j = 0; j < 4; ++j) b[j] = (__m512bh)_mm512_load_si512(panel + p * 128 + 32 * j);
+  for (int64_t p = 0; p < npairs; ++p) {
+    __m512i b[4];
+    src.pair(p, b);
     #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       int32_t pair;
       std::memcpy(&pair, x + r * ldx + 2 * p, 4);
       __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
       #pragma GCC unroll 8
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, (__m512bh)b[j]);
     }
   }
   __m512 sv[4];
@@ -139,10 +170,11 @@ inline void micro(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t
       _mm512_store_ps(c + r * NB + 16 * j, _mm512_fmadd_ps(acc[r][j], sv[j], _mm512_load_ps(c + r * NB + 16 * j)));
 }
 
-void run_rows(int64_t rows, const uint16_t* x, int64_t K, const uint16_t* panel, int64_t npairs, float* c,
+template <class Src>
+void run_rows(int64_t rows, const uint16_t* x, int64_t K, const Src& src, int64_t npairs, float* c,
               const float* s) {
   switch (rows) {
-#define CASE(R) case R: micro<R>(x, K, panel, npairs, c, s); break;
+#define CASE(R) case R: micro<R>(x, K, src, npairs, c, s); break;
     CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
 #undef CASE
   }
@@ -192,10 +224,14 @@ void gemm(const W& w, const uint16_t* x, int64_t M, int64_t K, int64_t N, const 
         }
       for (int64_t si = 0; si < S; ++si) {
         const int64_t k0 = segs[3 * si], npairs = (segs[3 * si + 1] - k0) / 2;
-        w.unpack(b, k0, npairs, panel.get());
+        const float* s = scale.get() + si * NB;
+        if (M <= kDirectMaxM) {
+          run_rows(M, x + k0, K, Direct<W>{w, w.at(b, k0)}, npairs, c.get(), s);
+          continue;
+        }
+        unpack(w, b, k0, npairs, panel.get());
         for (int64_t m = 0; m < M; m += MR)
-          run_rows(std::min(MR, M - m), x + m * K + k0, K, panel.get(), npairs, c.get() + m * NB,
-                   scale.get() + si * NB);
+          run_rows(std::min(MR, M - m), x + m * K + k0, K, Panel{panel.get()}, npairs, c.get() + m * NB, s);
       }
       for (int64_t m = 0; m < M; ++m)
         for (int j = 0; j < 4; ++j)
@@ -240,17 +276,17 @@ void gemm_int4pack_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor sz,
        segs.size(0), reinterpret_cast<uint16_t*>(y.data_ptr()));
 }
 
-void gemm_rows8_bf16(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros,
+void gemm_blocked8_bf16(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros,
                      torch::Tensor segs, torch::Tensor y) {
-  const bool blocked = q.dim() == 3;  // [N/64, K, 64]: each block's rows contiguous
-  const int64_t K = q.size(blocked ? 1 : 0), N = blocked ? q.size(0) * NB : q.size(1);
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 3 && q.size(2) == NB,
+              "q uint8 [N/64, K, 64]");
+  const int64_t K = q.size(1), N = q.size(0) * NB;
   check_args(x, segs, y, K, N);
-  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q uint8 [K, N] or [N/64, K, 64]");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16 &&
               scales.is_contiguous() && zeros.is_contiguous() && scales.size(1) == N && zeros.sizes() == scales.sizes(),
               "scales, zeros bf16 [G, N]");
-  Rows8 w{q.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
-          reinterpret_cast<const uint16_t*>(zeros.data_ptr()), K, N, blocked ? NB : N};
+  Blocked8 w{q.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
+             reinterpret_cast<const uint16_t*>(zeros.data_ptr()), K, N};
   gemm(w, reinterpret_cast<const uint16_t*>(x.data_ptr()), x.size(0), K, N, segs.data_ptr<int64_t>(),
        segs.size(0), reinterpret_cast<uint16_t*>(y.data_ptr()));
 }
@@ -261,7 +297,7 @@ bool has_gemm_bf16() { return false; }
 void gemm_int4pack_bf16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor) {
   TORCH_CHECK(false, "built without AVX512-BF16");
 }
-void gemm_rows8_bf16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor) {
+void gemm_blocked8_bf16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor) {
   TORCH_CHECK(false, "built without AVX512-BF16");
 }
 
