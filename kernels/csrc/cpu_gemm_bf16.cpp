@@ -125,14 +125,21 @@ template <class W>
 struct Direct {
   const W& w;
   const uint8_t* src;
-  void pair(int64_t p, __m512i out[4]) const { w.pair(src + p * W::kPairBytes, out); }
+  void pair(int64_t p, __m512i out[4]) const {
+    for (int64_t l = 0; l < W::kPairBytes; l += 64)  // ~2 KiB ahead: DRAM latency at these few FLOPs
+      _mm_prefetch(reinterpret_cast<const char*>(src + (p + 2048 / W::kPairBytes) * W::kPairBytes + l), _MM_HINT_T0);
+    w.pair(src + p * W::kPairBytes, out);
+  }
 };
 
 template <class W>
 void unpack(const W& w, int64_t b, int64_t k0, int64_t npairs, uint16_t* panel) {
   const uint8_t* src = w.at(b, k0);
   __m512i v[4];
+  const int64_t ahead = npairs * W::kPairBytes;  // the next segment: in L2 before its turn comes
   for (int64_t p = 0; p < npairs; ++p, src += W::kPairBytes, panel += 128) {
+    for (int64_t l = 0; l < W::kPairBytes; l += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(src + ahead + l), _MM_HINT_T1);
     w.pair(src, v);
     #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) _mm512_store_si512(panel + 32 * j, v[j]);
