@@ -24,10 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {  # label -> (method, quantize flags, name used by benchmarks/quality.py); None = the fp model
     "fp": None,
-    "RTN 4b g64": ("rtn", ["--bits", "4", "--group-size", "64"], "4b-g64"),
-    "GPTQ 4b g64": ("gptq", ["--bits", "4", "--group-size", "64"], "4b-g64"),
+    "RTN 4b g64": ("rtn", ["--bits", "4", "--group-size", "64", "--no-act-order"], "4b-g64"),
+    "GPTQ 4b g64": ("gptq", ["--bits", "4", "--group-size", "64", "--no-act-order"], "4b-g64"),
     "GPTQ 4b g64 act-order": ("gptq", ["--bits", "4", "--group-size", "64", "--act-order"], "4b-g64-act-order"),
-    "GPTQ 3b g64": ("gptq", ["--bits", "3", "--group-size", "64"], "3b-g64"),
+    "GPTQ 3b g64 act-order": ("gptq", ["--bits", "3", "--group-size", "64", "--act-order"], "3b-g64-act-order"),
 }
 QUICK_ROWS = ("fp", "RTN 4b g64", "GPTQ 4b g64")
 

@@ -80,6 +80,7 @@ class GPTQ:
         self.rows, self.columns = layer.weight.shape
         self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=layer.weight.device)
         self.C = None  # 2/n sum of x~ x^T when fp targets are given (see add_batch)
+        self.target = None  # then: the weights the solve quantized (W'), for the report
         self.nsamples = 0  # tokens seen
 
     def add_batch(self, inp: torch.Tensor, target: torch.Tensor | None = None) -> None:
@@ -135,6 +136,7 @@ class GPTQ:
         N, K = W.shape
         if self.C is not None:
             W = self._fp_target_weights(W, cfg.damp_percent, threads)
+            self.target = W.clone()
         gs = K if cfg.group_size == -1 else cfg.group_size
         assert K % gs == 0, f"group_size {gs} must divide in_features {K}"
         if not bool(torch.isfinite(H.diagonal()).all()):
@@ -267,7 +269,7 @@ class GPTQ:
         return GPTQResult(q, zeros, scales, g_idx, _dequantize(q, zeros, scales, g_idx), stats)
 
     def free(self) -> None:
-        self.H = self.C = None
+        self.H = self.C = self.target = None
 
 
 def _upper_cholesky(H: torch.Tensor, perm: torch.Tensor | None, percdamp: float, threads: int):

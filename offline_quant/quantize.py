@@ -23,6 +23,7 @@ model.safetensors; different settings refuse to resume.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import errno
@@ -52,6 +53,7 @@ DEFAULT_BATCH = 8
 FORWARD_DTYPES = ("bf16", "fp32")
 DEFAULT_FORWARD_DTYPE = "bf16"
 METHODS = ("gptq", "rtn")
+DEFAULTS = {"act_order": True, "sym": False, "mse": True, "fp_targets": True, "refine_scales": False}  # CLI
 CAUSAL_LM_ARCHS = ("CausalLM", "LMHeadModel", "ForConditionalGeneration")  # config.json architectures
 STATE_VERSION = 1
 # Where HF causal LMs keep their decoder blocks and final norm (first match wins).
@@ -283,20 +285,27 @@ def _pack(module: torch.nn.Linear, result, lcfg: fmt.QuantConfig, checkpoint_for
 
 
 @torch.no_grad()
-def _inputs_of(block, members: list[str], x: torch.Tensor, kw: dict[str, Any], autocast) -> dict[str, torch.Tensor]:
-    """What each of the block's Linears `members` receives when the block runs on x (stops after the last)."""
+def _inputs_of(block, members: list[str], x: torch.Tensor, kw: dict[str, Any], autocast,
+               out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What each of the block's Linears `members` receives when the block runs on x.
+
+    The forward stops after the last member's input is known, unless `out` is given: then it runs
+    to the end and writes the block's output there (x may be `out` itself).
+    """
     modules = dict(block.named_modules())
     got: dict[str, torch.Tensor] = {}
     handles = []
     for m in members:
         def hook(module, args, m=m):
             got[m] = args[0]
-            if m == members[-1]:
+            if m == members[-1] and out is None:
                 raise _StopForward
         handles.append(modules[m].register_forward_pre_hook(hook))
     try:
         with autocast():
-            block(x, **kw)
+            y = _block_output(block(x, **kw))
+        if out is not None:
+            out[:] = y
     except _StopForward:
         pass
     finally:
@@ -309,11 +318,12 @@ def _inputs_of(block, members: list[str], x: torch.Tensor, kw: dict[str, Any], a
 def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.Linear, fmt.QuantConfig, str]],
                    acts: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice],
                    cfg: fmt.QuantConfig, block_index: int, progress: Callable[[str], None], autocast,
-                   fp_block=None):
+                   fp_block=None, last: bool = False):
     """Hessians of `members` from the block's forward over the calibration set, then GPTQ each.
 
     acts[0] holds the block's inputs in the quantized model; with fp targets (fp_block: the block's
-    fp copy), acts[1] holds them in the fp model, and each Linear is fit to its fp outputs.
+    fp copy), acts[1] holds them in the fp model, and each Linear is fit to its fp outputs; the
+    block's `last` group also advances acts[1] to the fp block's outputs.
     Members reading the same input share one Hessian (accumulated once, copied). The forwards stop
     before the last member runs: nothing after it is needed.
     """
@@ -322,7 +332,10 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
     alias: dict[str, str] = {}
     for b, sl in enumerate(batches):
         xs = _inputs_of(block, members, acts[0][sl], kwargs[b], autocast)
-        targets = _inputs_of(fp_block, members, acts[1][sl], kwargs[b], autocast) if fp_block else {}
+        # The fp block never changes: its last pass over a batch runs to the end and moves the fp
+        # path on to the next block's inputs, instead of a separate run_block.
+        targets = {} if fp_block is None else _inputs_of(fp_block, members, acts[1][sl], kwargs[b], autocast,
+                                                         out=acts[1][sl] if last else None)
         for i, m in enumerate(members):
             src = next((s for s in members[:i] if xs[s] is xs[m]), None)
             if src is None:
@@ -342,6 +355,8 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
         W = module.weight.detach().float().clone()
         H = gptq[m].H.clone()  # fasterquant damps H in place; SQNR needs the raw one
         result = gptq[m].fasterquant(lcfg)
+        if gptq[m].target is not None:  # fp targets: SQNR of the solve against what it quantized
+            W = gptq[m].target
         module.weight.copy_(result.Q.to(module.weight.dtype))
         packed[full] = _pack(module, result, lcfg, cfg.checkpoint_format)
         seconds = time.perf_counter() - t0
@@ -561,15 +576,13 @@ def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, cali
             def step(name):
                 layer_bar.set_postfix_str(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
             p, r = quantize_group(block, members, layers, acts, block_kw, batches, cfg, i, step, calib.autocast,
-                                  fp_block)
+                                  fp_block, last=members is groups[-1])
             layer_bar.update(len(members))
             block_packed.update(p)
             rows.extend(r)
         layer_bar.close()
         run_block(block, acts[0], block_kw, batches, calib.autocast)
-        if fp_block is not None:
-            run_block(fp_block, acts[1], block_kw, batches, calib.autocast)
-            del fp_block
+        del fp_block
         weights.drop(linears)
         packed.update(block_packed)
         work.save(i + 1, block_packed, acts, rows)
@@ -634,14 +647,20 @@ def add_arguments(p) -> None:
     p.add_argument("--method", choices=METHODS, default="gptq", help="gptq (calibrated) or rtn (baseline)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or -1 for per-channel")
-    p.add_argument("--act-order", action="store_true", help="desc_act: quantize columns by descending H diag")
-    p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
+    # Defaults: the best settings measured on SmolLM2 (README, "GPTQ vs RTN"); vLLM's built-in gptq
+    # path reads only --sym --no-act-order checkpoints, this plugin reads all of them.
+    on_off = argparse.BooleanOptionalAction
+    p.add_argument("--act-order", action=on_off, default=DEFAULTS["act_order"],
+                   help="desc_act: quantize columns by descending H diag")
+    p.add_argument("--asym", dest="sym", action="store_false", default=DEFAULTS["sym"],
+                   help="asymmetric grid, a zero point per group (the default)")
+    p.add_argument("--sym", dest="sym", action="store_true", help="symmetric grid")
     p.add_argument("--static-groups", action="store_true", help="group grids fixed before the solve")
     p.add_argument("--damp-percent", type=float, default=0.01, help="damping, a fraction of mean diag(H)")
-    p.add_argument("--mse", action="store_true", help="MSE-optimal clipping of each group's grid")
-    p.add_argument("--fp-targets", action="store_true",
+    p.add_argument("--mse", action=on_off, default=DEFAULTS["mse"], help="MSE-optimal clipping of each group's grid")
+    p.add_argument("--fp-targets", action=on_off, default=DEFAULTS["fp_targets"],
                    help="fit each layer to the fp model's outputs, not its own on quantized inputs (GPTAQ)")
-    p.add_argument("--refine-scales", action="store_true",
+    p.add_argument("--refine-scales", action=on_off, default=DEFAULTS["refine_scales"],
                    help="re-fit group scales to GPTQ's levels by least squares on H after the solve")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="quantize all of a block's Linears from fp inputs (faster, slightly worse)")
@@ -671,7 +690,7 @@ def config_from_args(args) -> fmt.QuantConfig:
     dynamic: dict[str, dict[str, Any]] = {f"-:{regex}": {} for regex in args.skip}
     dynamic.update(parse_rule(r) for r in args.rule)
     return fmt.QuantConfig(bits=args.bits, group_size=args.group_size, desc_act=args.act_order,
-                           static_groups=args.static_groups, sym=not args.asym,
+                           static_groups=args.static_groups, sym=args.sym,
                            damp_percent=args.damp_percent, true_sequential=args.true_sequential,
                            checkpoint_format=args.checkpoint_format, lm_head=args.lm_head, dynamic=dynamic,
                            meta={k: True for k in ("mse", "fp_targets", "refine_scales") if getattr(args, k)})

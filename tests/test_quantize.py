@@ -222,3 +222,15 @@ def test_non_finite_activations_name_the_layer(tiny_llama, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Inf in the calibration activations entering layer lm_head" in err, err
     assert not out.exists()
+
+
+def test_cli_defaults_and_their_negations():
+    import argparse
+    p = argparse.ArgumentParser()
+    qz.add_arguments(p)
+    base = ["--model", "m", "--out", "o"]
+    cfg = qz.config_from_args(p.parse_args(base))
+    assert (cfg.desc_act, cfg.sym, cfg.meta.get("mse"), cfg.meta.get("fp_targets")) == (True, False, True, True)
+    # what vLLM's built-in gptq reads: symmetric, no act-order
+    cfg = qz.config_from_args(p.parse_args(base + ["--sym", "--no-act-order", "--no-mse", "--no-fp-targets"]))
+    assert (cfg.desc_act, cfg.sym, cfg.meta.get("mse", False)) == (False, True, False)
