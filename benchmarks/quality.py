@@ -65,6 +65,12 @@ def ppl(args, path: Path, spec: str, cache: dict) -> float:
     return cache[key]
 
 
+def _above(rep: dict) -> str:
+    """Peak RSS above what the process held before loading the model, against the issue's bound."""
+    mem = rep["memory"]
+    return f"{rep['peak_rss_mb'] - mem['baseline_rss_mb']:.0f} / {mem['bound_mb']:.0f}"
+
+
 def ratio(fp: float, rtn: float, gptq: float) -> str:
     return f"{(gptq - fp) / (rtn - fp):.2f}" if rtn != fp else "-"
 
@@ -108,7 +114,7 @@ def main() -> int:
           f"{args.ctx} on {args.max_tokens} tokens of each eval split; ratio = (GPTQ-fp)/(RTN-fp)")
     head = f"{'config':<18} {'method':<6} " + " ".join(f"{e:>17}" for e in EVALS) + \
         " " + " ".join(f"{'ratio ' + e.split(':')[0]:>18}" for e in EVALS) + \
-        f" {'quant s':>8} {'threads':>7} {'peak RSS MiB':>12}"
+        f" {'quant s':>8} {'threads':>7} {'peak RSS MiB':>12} {'above base / bound':>18}"
     print(head)
     print(f"{'fp':<18} {'-':<6} " + " ".join(f"{fp[e]:>17.2f}" for e in EVALS))
     for name, flags in configs.items():
@@ -119,7 +125,8 @@ def main() -> int:
                       for e in EVALS]
             print(f"{name:<18} {m.upper():<6} " + " ".join(f"{vals[m][e]:>17.2f}" for e in EVALS) + " " +
                   " ".join(f"{r:>18}" for r in ratios) +
-                  f" {rep['wall_seconds']:>8.1f} {rep['threads']:>7} {rep['peak_rss_mb']:>12.0f}")
+                  f" {rep['wall_seconds']:>8.1f} {rep['threads']:>7} {rep['peak_rss_mb']:>12.0f} "
+                  f"{_above(rep):>18}")
 
     if not cross:
         return 0

@@ -139,8 +139,8 @@ def batch_slices(n: int, batch_size: int) -> list[slice]:
 
 @torch.no_grad()
 def capture_block_inputs(model, blocks: torch.nn.ModuleList, ids: torch.Tensor, batches: list[slice],
-                         keep_hidden: bool = True):
-    """(hidden states entering block 0 [n, L, D] or None, kwargs[batch][block]).
+                         keep_hidden: bool = True, paths: int = 1):
+    """(hidden states entering block 0 [paths, n, L, D] (each path a copy) or None, kwargs[batch][block]).
 
     Each block's forward is replaced by a recorder that passes its input through, so only the
     embeddings and the per-layer arguments (rotary embeddings, masks: they differ per layer in e.g.
@@ -172,8 +172,8 @@ def capture_block_inputs(model, blocks: torch.nn.ModuleList, ids: torch.Tensor, 
                 pass
             if keep_hidden:
                 if hidden is None:
-                    hidden = torch.empty((ids.shape[0],) + captured[0].shape[1:], dtype=captured[0].dtype)
-                hidden[sl] = captured[0]
+                    hidden = torch.empty((paths, ids.shape[0]) + captured[0].shape[1:], dtype=captured[0].dtype)
+                hidden[:, sl] = captured[0]
             kwargs.append(list(per_block))
     finally:
         for block in blocks:
@@ -475,6 +475,7 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
                    overwrite: bool = False, batch_size: int = DEFAULT_BATCH, threads: int | None = None,
                    progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Quantize the HF causal LM at `model_dir` into checkpoint `out`; returns (path, report)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  lazy imports: ~300 MiB of modules
     t_start, baseline_mb = time.perf_counter(), rpt.current_rss_mb()  # the interpreter, torch, transformers
     model_dir, out = Path(model_dir), Path(out).absolute()
     if method not in METHODS:
@@ -549,10 +550,8 @@ def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, cali
     state = work.load(resume)
     if state is None:
         start, packed, rows = 0, {}, []
-        hidden, kwargs = capture_block_inputs(model, blocks, ids, batches)
-        # [paths, n, L, D]: inputs in the quantized model, and with fp targets in the fp model too
-        acts = torch.stack([hidden, hidden]) if fp_targets else hidden[None]
-        del hidden
+        # acts [paths, n, L, D]: inputs in the quantized model, and with fp targets in the fp model too
+        acts, kwargs = capture_block_inputs(model, blocks, ids, batches, paths=2 if fp_targets else 1)
     else:
         start, rows = state["done"], state["rows"]
         packed, acts = work.restore(state)

@@ -108,10 +108,10 @@ def summary(report: dict[str, Any]) -> str:
     mem = report["memory"]
     lines = [f"{report['method']}: {len(rows)} layers quantized at bits {bits} in "
              f"{report['wall_seconds']:.1f} s ({report['threads']} threads), peak RSS "
-             f"{report['peak_rss_mb']:.0f} MiB (fp model {mem['model_mb']:.0f} MiB, calibration "
-             f"activations {mem['activations_mb']:.0f} MiB, bound 1.5x model + activations "
-             f"{mem['bound_mb']:.0f} MiB, above the {mem['baseline_rss_mb']:.0f} MiB the process held "
-             "before loading the model)"]
+             f"{report['peak_rss_mb']:.0f} MiB, {report['peak_rss_mb'] - mem['baseline_rss_mb']:.0f} MiB above "
+             f"the {mem['baseline_rss_mb']:.0f} MiB the process held before loading the model (bound 1.5x fp "
+             f"model {mem['model_mb']:.0f} MiB + calibration activations {mem['activations_mb']:.0f} MiB = "
+             f"{mem['bound_mb']:.0f} MiB)"]
     if finite:
         lines.append(f"output SQNR: min {min(finite):.1f} dB, mean {sum(finite) / len(finite):.1f} dB")
     escalated = [r["name"] for r in rows if r.get("escalations")]

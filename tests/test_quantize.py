@@ -72,8 +72,9 @@ def test_true_sequential_groups_follow_the_block(tiny_qwen2):
     model, _ = qz.load_causal_lm(tiny_qwen2)
     prefix, blocks = qz.decoder_blocks(model)
     ids = torch.randint(0, 1000, (2, 16))
-    hidden, kwargs = qz.capture_block_inputs(model, blocks, ids, qz.batch_slices(2, 2))
-    assert prefix == "model.layers" and hidden.shape == (2, 16, 128)
+    acts, kwargs = qz.capture_block_inputs(model, blocks, ids, qz.batch_slices(2, 2), paths=2)
+    assert prefix == "model.layers" and acts.shape == (2, 2, 16, 128) and torch.equal(acts[0], acts[1])
+    hidden = acts[0]
     names = [n for n, m in blocks[1].named_modules() if isinstance(m, torch.nn.Linear)]
     groups = qz.sequential_groups(blocks[1], names, hidden, kwargs[0][1], true_sequential=True)
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
