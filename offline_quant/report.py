@@ -19,7 +19,8 @@ ILL_CONDITIONED = 1e7  # cond(H + damp) beyond this: fp32 solves lose most digit
 
 def output_sqnr_db(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor | None) -> float:
     """SQNR of Q·x against W·x over the calibration inputs, from H ∝ Σ x xᵀ alone (no forward
-    pass): ‖WX‖² = tr(W H Wᵀ), ‖(W−Q)X‖² = tr(E H Eᵀ).
+    pass): ‖WX‖² = tr(W H Wᵀ), ‖(W−Q)X‖² = tr(E H Eᵀ). With fp targets W is the solve's target W'
+    (gptq.GPTQ._fp_target_weights): the error the quantization itself added.
     With H None: the weights' own SQNR (RTN has no calibration data)."""
     W, Q = W.double(), Q.double()
     E = W - Q
