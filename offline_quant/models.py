@@ -94,6 +94,12 @@ TINY_CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32),
     "qwen2": dict(model_type="qwen2", hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2),  # q/k/v carry biases
+    "mistral": dict(model_type="mistral", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=32),
+    # q/k norms, per-layer sliding/global attention (different masks and rotary per block)
+    "gemma3": dict(model_type="gemma3_text", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=32,
+                   layer_types=["sliding_attention", "full_attention"]),
 }
 
 

@@ -36,6 +36,13 @@ def tiny_qwen2() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_arch():
+    """tiny_arch(name) -> a tiny random model of one of models.TINY_CONFIGS, cached for the session."""
+    from vllm_gptq_plugin.offline_quant import models
+    return lambda arch: models.tiny_model(arch, CACHE / f"tiny-{arch}-{MODEL_VERSION}", cache=CACHE)
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     from vllm_gptq_plugin.offline_quant import models
     return models.fetch_smollm2(CACHE / "smollm2")
