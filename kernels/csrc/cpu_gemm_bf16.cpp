@@ -253,7 +253,7 @@ void gemm(const W& w, const uint16_t* x, int64_t M, int64_t K, int64_t N, const 
 }
 
 void check_args(const torch::Tensor& x, const torch::Tensor& segs, const torch::Tensor& y, int64_t K,
-                int64_t N) {
+                int64_t N, int64_t G) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(1) == K,
               "x bf16 [M, K] contiguous");
   TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.is_contiguous() && y.size(0) == x.size(0) &&
@@ -266,6 +266,7 @@ void check_args(const torch::Tensor& x, const torch::Tensor& segs, const torch::
   for (int64_t i = 0; i < segs.size(0); ++i) {
     TORCH_CHECK(s[3 * i] == k && s[3 * i + 1] > k && s[3 * i + 1] - k <= kMaxSeg && s[3 * i + 1] % 2 == 0,
                 "segs must cover K in order with even bounds, <= 256 per segment");
+    TORCH_CHECK(0 <= s[3 * i + 2] && s[3 * i + 2] < G, "segment group out of range");
     k = s[3 * i + 1];
   }
   TORCH_CHECK(k == K, "segs must cover K");
@@ -278,24 +279,24 @@ bool has_gemm_bf16() { return true; }
 void gemm_int4pack_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, torch::Tensor segs,
                         torch::Tensor y) {
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  check_args(x, segs, y, K, N);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed uint8 [N, K/2]");
-  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(1) == N,
-              "scales_and_zeros bf16 [G, N, 2]");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(1) == N &&
+              sz.size(2) == 2, "scales_and_zeros bf16 [G, N, 2]");
+  check_args(x, segs, y, K, N, sz.size(0));
   Int4Pack w(packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sz.data_ptr()), K, N);
   gemm(w, reinterpret_cast<const uint16_t*>(x.data_ptr()), x.size(0), K, N, segs.data_ptr<int64_t>(),
        segs.size(0), reinterpret_cast<uint16_t*>(y.data_ptr()));
 }
 
 void gemm_blocked8_bf16(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros,
-                     torch::Tensor segs, torch::Tensor y) {
+                        torch::Tensor segs, torch::Tensor y) {
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 3 && q.size(2) == NB,
               "q uint8 [N/64, K, 64]");
   const int64_t K = q.size(1), N = q.size(0) * NB;
-  check_args(x, segs, y, K, N);
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16 &&
-              scales.is_contiguous() && zeros.is_contiguous() && scales.size(1) == N && zeros.sizes() == scales.sizes(),
-              "scales, zeros bf16 [G, N]");
+              scales.is_contiguous() && zeros.is_contiguous() && scales.dim() == 2 && scales.size(1) == N &&
+              zeros.sizes() == scales.sizes(), "scales, zeros bf16 [G, N]");
+  check_args(x, segs, y, K, N, scales.size(0));
   Blocked8 w{q.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
              reinterpret_cast<const uint16_t*>(zeros.data_ptr()), K, N};
   gemm(w, reinterpret_cast<const uint16_t*>(x.data_ptr()), x.size(0), K, N, segs.data_ptr<int64_t>(),
