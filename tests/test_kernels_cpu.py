@@ -137,7 +137,7 @@ def test_fused_kernel_every_row_tail_and_segment(bits, group_size, act_order):
     n, k = 192, 640
     t = random_layer(n, k, bits, group_size, act_order=act_order, seed=bits + group_size)
     w = prepare(**t, bits=bits, dtype=torch.bfloat16)
-    assert w.impl.segments is not None
+    assert w.impl.segments is not None and kernels.cpu_path(w, 1) == kernels.cpu_path(w, 256) == "fused"
     for m in range(1, 14):
         x = torch.randn(m, k).bfloat16()
         x2 = x if w.impl.perm is None else x.index_select(1, w.impl.perm)
