@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 DAMP_STEP = 10.0  # on a failed Cholesky, damp_percent is multiplied by this ...
 DAMP_CAP = 1.0    # ... while it stays <= DAMP_CAP; after that the layer falls back to RTN
+# Damping of the fp-target correction, a fraction of mean diag(H). The correction moves W in the
+# directions the calibration text excites; measured on SmolLM2 calibrated on the Python docs alone,
+# 0.01 made Shakespeare worse than RTN (ratio 1.29), 0.1 kept the docs' gain and fixed that (0.71).
+FP_TARGET_DAMP = 0.1
 SUB_BLOCK = 16    # columns per rank-1-update tile inside a block (a performance knob only)
 CHOLESKY_BLOCK = 512  # block size of _upper_cholesky_ (a performance knob only)
 
@@ -135,7 +139,7 @@ class GPTQ:
         W = self.layer.weight.detach().to(H.dtype, copy=True)  # the solve runs in H's dtype: fp32
         N, K = W.shape
         if self.C is not None:
-            W = self._fp_target_weights(W, cfg.damp_percent, threads)
+            W = self._fp_target_weights(W, cfg.meta.get("fp_target_damp", FP_TARGET_DAMP), threads)
             self.target = W.clone()
         gs = K if cfg.group_size == -1 else cfg.group_size
         assert K % gs == 0, f"group_size {gs} must divide in_features {K}"

@@ -659,6 +659,8 @@ def add_arguments(p) -> None:
     p.add_argument("--mse", action=on_off, default=DEFAULTS["mse"], help="MSE-optimal clipping of each group's grid")
     p.add_argument("--fp-targets", action=on_off, default=DEFAULTS["fp_targets"],
                    help="fit each layer to the fp model's outputs, not its own on quantized inputs (GPTAQ)")
+    p.add_argument("--fp-target-damp", type=float, default=None,
+                   help="damping of the fp-target correction, a fraction of mean diag(H) (default 0.1)")
     p.add_argument("--refine-scales", action=on_off, default=DEFAULTS["refine_scales"],
                    help="re-fit group scales to GPTQ's levels by least squares on H after the solve")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
@@ -692,7 +694,8 @@ def config_from_args(args) -> fmt.QuantConfig:
                            static_groups=args.static_groups, sym=args.sym,
                            damp_percent=args.damp_percent, true_sequential=args.true_sequential,
                            checkpoint_format=args.checkpoint_format, lm_head=args.lm_head, dynamic=dynamic,
-                           meta={k: True for k in ("mse", "fp_targets", "refine_scales") if getattr(args, k)})
+                           meta={**{k: True for k in ("mse", "fp_targets", "refine_scales") if getattr(args, k)},
+                                 **({"fp_target_damp": args.fp_target_damp} if args.fp_target_damp else {})})
 
 
 def run(args) -> int:
