@@ -50,7 +50,15 @@ def hints(stats: dict[str, Any]) -> list[str]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process image so far: Linux's VmHWM. Not ru_maxrss: exec keeps
+    the parent's high-water mark there, so a child of a big process (benchmarks/quality.py holding
+    models for its evaluations) would report the parent's size."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -257,3 +257,16 @@ def _parsed(argv):
     p = argparse.ArgumentParser()
     qz.add_arguments(p)
     return p.parse_args(["--model", "m", "--out", "o", *argv])
+
+
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """ru_maxrss survives exec: a quantizer started by a big benchmark process would report the
+    benchmark's size. peak_rss_mb reads the process image's own high-water mark."""
+    import subprocess
+    import sys
+    ballast = bytearray(600 << 20)
+    ballast[::4096] = b"1" * len(ballast[::4096])  # touch every page
+    code = "from vllm_gptq_plugin.offline_quant import report as r; print(r.peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < rpt.peak_rss_mb() - 500, (child, rpt.peak_rss_mb())
+    del ballast
