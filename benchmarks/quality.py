@@ -104,6 +104,9 @@ def main() -> int:
     if not (args.model / "config.json").exists():
         from vllm_gptq_plugin.offline_quant.models import fetch_smollm2
         fetch_smollm2(args.model)
+    if args.threads:  # the evaluations too: oversubscribed OpenMP threads on a busy machine run 5x slower
+        import torch
+        torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     cache: dict = {}
     fp = {e: ppl(args, args.model, e, cache) for e in EVALS}
