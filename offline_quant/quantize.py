@@ -18,8 +18,9 @@ Memory: the model's embeddings and norms, one block's Linear weights at a time (
 inputs as well), plus one group's Hessians.
 
 Resume: after each block, the block's packed tensors, the next block's inputs and the report so far
-go to `<out>.partial/` (each file written to a temporary name and renamed; the state file last). Rerunning the same command continues from there and writes a bit-identical
-model.safetensors; different settings refuse to resume.
+go to `<out>.partial/` (each file written to a temporary name and renamed; the state file last).
+Rerunning the same command continues from there and writes a bit-identical model.safetensors;
+different settings refuse to resume.
 """
 from __future__ import annotations
 
@@ -352,11 +353,10 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
         module, lcfg, full = layers[m]
         progress(full)
         t0 = time.perf_counter()
-        W = module.weight.detach().float().clone()
         H = gptq[m].H.clone()  # fasterquant damps H in place; SQNR needs the raw one
         result = gptq[m].fasterquant(lcfg)
-        if gptq[m].target is not None:  # fp targets: SQNR of the solve against what it quantized
-            W = gptq[m].target
+        # SQNR against what the solve quantized: the fp-target weights W' when there are some
+        W = gptq[m].target if gptq[m].target is not None else module.weight.detach().float().clone()
         module.weight.copy_(result.Q.to(module.weight.dtype))
         packed[full] = _pack(module, result, lcfg, cfg.checkpoint_format)
         seconds = time.perf_counter() - t0
@@ -695,7 +695,7 @@ def config_from_args(args) -> fmt.QuantConfig:
                            damp_percent=args.damp_percent, true_sequential=args.true_sequential,
                            checkpoint_format=args.checkpoint_format, lm_head=args.lm_head, dynamic=dynamic,
                            meta={**{k: True for k in ("mse", "fp_targets", "refine_scales") if getattr(args, k)},
-                                 **({"fp_target_damp": args.fp_target_damp} if args.fp_target_damp else {})})
+                                 **({"fp_target_damp": args.fp_target_damp} if args.fp_target_damp is not None else {})})
 
 
 def run(args) -> int:
