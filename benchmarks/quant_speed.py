@@ -21,6 +21,7 @@ import torch
 from vllm_gptq_plugin import format as fmt
 from vllm_gptq_plugin.offline_quant import grid
 from vllm_gptq_plugin.offline_quant.gptq import GPTQ
+from vllm_gptq_plugin.offline_quant.quantize import Calibration
 
 
 def paper_form_solve(W: torch.Tensor, H: torch.Tensor, bits: int, groupsize: int, sym: bool,
@@ -137,6 +138,10 @@ def main(argv=None):
         H = g.H
         rows.append((f"Hessian accumulation, {th} thread(s)", t_h, f"{flops / t_h / 1e9:.1f} GFLOP/s",
                      f"{100 * t_gemm / t_h:.0f}% of torch.mm on the same shapes ({flops / t_gemm / 1e9:.1f} GFLOP/s)"))
+        with Calibration(forward_dtype="bf16").hessian_gemms():  # what the quantizer runs by default
+            t_hb, _ = timed(accumulate, th, R)
+        rows.append((f"Hessian accumulation, bf16-forward setting, {th} thread(s)", t_hb,
+                     f"{flops / t_hb / 1e9:.1f} GFLOP/s", f"{100 * t_gemm / t_hb:.0f}% of torch.mm (fp32)"))
 
     ours, paper = {}, {}
     for th in args.threads:

@@ -49,6 +49,7 @@ DAMP_CAP = 1.0    # ... while it stays <= DAMP_CAP; after that the layer falls b
 FP_TARGET_DAMP = 0.1
 SUB_BLOCK = 16    # columns per rank-1-update tile inside a block (a performance knob only)
 CHOLESKY_BLOCK = 512  # block size of _upper_cholesky_ (a performance knob only)
+TOKENS_PER_GEMM = 2048  # add_batch's slice of tokens (a memory knob only)
 
 
 class NonFiniteActivations(ValueError):
@@ -95,20 +96,24 @@ class GPTQ:
         on its quantized inputs; this needs C = 2/n sum x~ x^T as well.
         """
         inp = inp.detach().reshape(-1, inp.shape[-1])
-        tmp = inp.shape[0]
-        if tmp == 0:
-            return
-        inp = inp.to(device=self.H.device, dtype=torch.float32)
-        # A running mean (rescale, then add) keeps H at the scale of one token's x x^T, so fp32 never
-        # accumulates a huge sum; beta and alpha fold the rescaling into the GEMM itself.
-        beta, alpha = self.nsamples / (self.nsamples + tmp), 2 / (self.nsamples + tmp)
-        self.H.addmm_(inp.t(), inp, beta=beta, alpha=alpha)
         if target is not None:
-            target = target.detach().reshape(-1, target.shape[-1]).to(inp)
-            if self.C is None:
-                self.C = torch.zeros_like(self.H)
-            self.C.addmm_(target.t(), inp, beta=beta, alpha=alpha)
-        self.nsamples += tmp
+            target = target.detach().reshape(-1, target.shape[-1])
+        if inp.shape[0] == 0:
+            return
+        # In slices of TOKENS_PER_GEMM tokens: the fp32 copies of inp and target stay small (a
+        # batch of 4096 tokens of a 1536-wide input was 25 MB each, and the heap kept them).
+        for t0 in range(0, inp.shape[0], TOKENS_PER_GEMM):
+            x = inp[t0:t0 + TOKENS_PER_GEMM].to(device=self.H.device, dtype=torch.float32)
+            tmp = x.shape[0]
+            # A running mean (rescale, then add) keeps H at the scale of one token's x x^T, so fp32
+            # never accumulates a huge sum; beta and alpha fold the rescaling into the GEMM itself.
+            beta, alpha = self.nsamples / (self.nsamples + tmp), 2 / (self.nsamples + tmp)
+            self.H.addmm_(x.t(), x, beta=beta, alpha=alpha)
+            if target is not None:
+                if self.C is None:
+                    self.C = torch.zeros_like(self.H)
+                self.C.addmm_(target[t0:t0 + TOKENS_PER_GEMM].to(x).t(), x, beta=beta, alpha=alpha)
+            self.nsamples += tmp
         # A NaN or Inf anywhere in inp reaches diag(H) (sum of x_k^2), so K values tell what a full pass
         # over inp would.
         if not bool(torch.isfinite(self.H.diagonal()).all()):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+MSE_CHUNK = 1 << 18  # elements of candidate errors computed at once by the MSE search
+
 
 def find_params(W: torch.Tensor, bits: int, sym: bool, zero_min: int = 0, *, mse: bool = False,
                 norm: float = 2.4, grid: int = 100, maxshrink: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,16 +33,14 @@ def find_params(W: torch.Tensor, bits: int, sym: bool, zero_min: int = 0, *, mse
     xmin = torch.where(dead, -1.0, xmin)
     xmax = torch.where(dead, 1.0, xmax)
     scale, zero = _range_to_grid(xmin, xmax, maxq, sym, zero_min)
-    if mse:
-        best = _clip_error(W, scale, zero, maxq, norm)
-        for i in range(1, int(round(maxshrink * grid)) + 1):
-            p = 1 - i / grid
-            scale1, zero1 = _range_to_grid(p * xmin, p * xmax, maxq, sym, zero_min)
-            err = _clip_error(W, scale1, zero1, maxq, norm)
-            better = err < best  # strict: on a tie the wider range, tried first, stays
-            best = torch.where(better, err, best)
-            scale = torch.where(better, scale1, scale)
-            zero = torch.where(better, zero1, zero)
+    if mse:  # all shrink factors at once: [S, rows] candidates, one pass over W per op
+        p = torch.tensor([1 - i / grid for i in range(int(round(maxshrink * grid)) + 1)], dtype=W.dtype)[:, None]
+        scales, zeros = _range_to_grid(p * xmin, p * xmax, maxq, sym, zero_min)
+        rows = max(1, MSE_CHUNK // (p.numel() * W.shape[1]))  # bounded memory for long rows (lm_head)
+        err = torch.cat([_clip_error(W[r:r + rows], scales[:, r:r + rows], zeros[:, r:r + rows], maxq, norm)
+                         for r in range(0, W.shape[0], rows)], dim=1)
+        best = err.argmin(dim=0, keepdim=True)  # the first minimum: on a tie the wider range stays
+        scale, zero = scales.gather(0, best)[0], zeros.gather(0, best)[0]
     return scale, zero
 
 
@@ -64,10 +64,12 @@ def _range_to_grid(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool,
 
 def _clip_error(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
                 norm: float) -> torch.Tensor:
-    """sum over each row of |W - dequantize(quantize(W))|^norm -> [rows]."""
-    err = torch.div(W, scale[:, None]).round_().add_(zero[:, None]).clamp_(0, maxq)
-    err.sub_(zero[:, None]).mul_(scale[:, None]).sub_(W).abs_().pow_(norm)
-    return err.sum(dim=1)
+    """sum over each row of |W - dequantize(quantize(W))|^norm: W [rows, cols], scale and zero
+    [..., rows] -> [..., rows]."""
+    s, z = scale[..., None], zero[..., None]
+    err = torch.div(W, s).round_().add_(z).clamp_(0, maxq)
+    err.sub_(z).mul_(s).sub_(W).abs_().pow_(norm)
+    return err.sum(dim=-1)
 
 
 def fp16_ceil(scale: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,14 @@ The pipeline (the GPTQ paper's, as in its reference llama.py):
    quantized outputs of earlier ones. Then run the quantized block to produce the next block's inputs.
    With fp targets (GPTAQ), the block's fp copy runs beside it on the fp model's inputs, and each
    Linear is fit to reproduce its fp outputs from its quantized inputs (gptq.GPTQ.add_batch).
+   The passes after the attention's last group reuse its outputs (ChildMemo): attention runs once
+   per batch and path, not once per group.
 3. lm_head (opt-in) is quantized last on the final norm's output; embeddings and norms stay fp.
 
 Memory: the model's embeddings and norms, one block's Linear weights at a time (BlockWeights), one
-[nsamples, seqlen, hidden] activation buffer updated in place (two with fp targets: the fp model's
-inputs as well), plus one group's Hessians.
+[nsamples, seqlen, hidden] fp32 activation buffer updated in place and one in the forward dtype for
+the block's attention outputs (twice with fp targets: the fp model's path as well), plus one
+group's Hessians.
 
 Resume: after each block, the block's packed tensors, the next block's inputs and the report so far
 go to `<out>.partial/` (each file written to a temporary name and renamed; the state file last).
@@ -25,12 +28,14 @@ different settings refuse to resume.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -79,6 +84,22 @@ class Calibration:
     def autocast(self):
         """The context the decoder blocks run in: bf16 matmuls (H still accumulates in fp32)."""
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.forward_dtype == "bf16")
+
+    @contextlib.contextmanager
+    def hessian_gemms(self):
+        """The context H and C accumulate in: with bf16 forwards, fp32 GEMMs may read their inputs as
+        bf16 (oneDNN's fpmath mode; the Linears see bf16 inputs anyway) but sum and write fp32. On
+        AVX512 CPUs this also takes oneDNN's AVX512 kernels where MKL runs AVX2 ones (AMD): 2x here."""
+        mkl = torch.backends.mkldnn
+        if self.forward_dtype != "bf16" or not mkl.is_available():
+            yield
+            return
+        old = mkl.matmul.fp32_precision
+        mkl.matmul.fp32_precision = "bf16"
+        try:
+            yield
+        finally:
+            mkl.matmul.fp32_precision = old
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +285,36 @@ def sequential_groups(block: torch.nn.Module, names: Sequence[str], x: torch.Ten
     return groups if true_sequential else [[n for g in groups for n in g]]
 
 
+@torch.no_grad()
+def passthrough_children(block: torch.nn.Module, groups: list[list[str]], x: torch.Tensor,
+                         kw: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
+    """Children of the block whose output is their last Linear's output itself (attention ending in
+    o_proj): {child: (that Linear, None if the output is the tensor, else the length of the tuple
+    it heads, the rest all None)}. Their output can be computed from the Linear's input alone."""
+    modules = dict(block.named_modules())
+    last = {n.split(".", 1)[0]: n for g in groups for n in g}  # each child's last Linear, in order
+    outs: dict[str, Any] = {}
+    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: outs.setdefault(n, o))
+               for n in last.values()]
+    handles += [modules[c].register_forward_hook(lambda m, a, o, c=c: outs.setdefault(c, o))
+                for c in last if c in modules and c not in last.values()]
+    try:
+        block(x, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    found = {}
+    for child, linear in last.items():
+        out, y = outs.get(child), outs.get(linear)
+        if y is None or out is None:
+            continue
+        if out is y:
+            found[child] = (linear, None)
+        elif isinstance(out, tuple) and out and out[0] is y and all(o is None for o in out[1:]):
+            found[child] = (linear, len(out))
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # Quantizing one block
 # ---------------------------------------------------------------------------------------------
@@ -285,13 +336,142 @@ def _pack(module: torch.nn.Linear, result, lcfg: fmt.QuantConfig, checkpoint_for
     return packed
 
 
+class ChildMemo:
+    """A block's children's outputs per batch, reused by the block's later passes.
+
+    Each group's Hessians take a pass of the block's forward over the calibration set, and each pass
+    recomputes everything before the group, attention included (scaled_dot_product_attention was a
+    third of a run). A direct child of the block holding target Linears (attention, MLP) is *final*
+    from the pass after its last Linear's group is quantized: its weights and inputs no longer
+    change, so its output from one pass is its output in every later one. In the fp block every
+    child is final from the start. A child's output is recorded in the pass where it becomes
+    final (or computed from its last Linear's input, see passthrough_children) when later passes
+    can reuse it, into one [nsamples, ...] buffer per child in the forward dtype, freed with the
+    memo after the block (one allocation, not one per batch: per-batch tensors fragmented the heap
+    and held ~300 MB more RSS). Only outputs that are a tensor, or a tuple of one tensor and Nones,
+    at most limit_bytes per batch, are kept; a child called twice in one forward is left out.
+    """
+
+    def __init__(self, block: torch.nn.Module, groups: list[list[str]], batches: list[slice],
+                 fp: bool = False, passthrough: dict[str, tuple[str, int | None]] | None = None):
+        self.children = dict(block.named_children())
+        self.batches = batches
+        self.passthrough = passthrough or {}
+        self.last_held: dict[str, int] = {}  # child -> the last group with a member in it
+        for gi, group in enumerate(groups):
+            for name in group:
+                self.last_held[name.split(".", 1)[0]] = gi
+        # child -> how many quantized groups make it final
+        self.ready_at = {c: 0 if fp else g + 1 for c, g in self.last_held.items()}
+        self.buffers: dict[str, torch.Tensor] = {}  # child -> its outputs' tensor, all batches
+        self.arity: dict[str, int | None] = {}      # child -> None (a tensor) or its tuple's length
+        self.stored: set[tuple[str, int]] = set()   # (child, batch) held in buffers
+
+    def recorded_in(self, done: int) -> list[str]:
+        """The children whose output the pass after `done` quantized groups records: final ones no
+        later group's members are in (so that later passes can reuse them)."""
+        return [c for c, ready in self.ready_at.items() if ready <= done and self.last_held[c] <= done]
+
+    def computable(self, members: Sequence[str], done: int) -> dict[str, str]:
+        """{member: child} for the members whose solve finishes a passthrough child: its output is
+        then that member's output on the inputs of this pass, and no later pass need recompute it."""
+        return {self.passthrough[c][0]: c for c, g in self.last_held.items()
+                if g == done and c in self.passthrough and self.passthrough[c][0] in members}
+
+    def fill(self, child: str, inputs: torch.Tensor, linear: torch.nn.Module, autocast) -> None:
+        """A passthrough child's output for every batch: its last Linear on `inputs` (that Linear's
+        inputs in this pass, all batches), written over `inputs` when the shapes allow."""
+        n = self.passthrough[child][1]
+        for b, sl in enumerate(self.batches):
+            with autocast():
+                y = linear(inputs[sl])
+            if b == 0 and y.shape[1:] == inputs.shape[1:] and y.dtype == inputs.dtype:
+                self.buffers[child] = inputs  # each batch's slot is read before it is overwritten
+            if not self._store(child, b, y if n is None else (y,) + (None,) * (n - 1), math.inf):
+                self._forget(child)
+                return
+
+    def stop_after(self, members: Sequence[str], done: int) -> torch.nn.Module | None:
+        """Where a pass that only wants `members`' inputs can stop and still complete what it records."""
+        child = members[-1].split(".", 1)[0]
+        return self.children[child] if child in self.recorded_in(done) else None
+
+    def _store(self, child: str, b: int, out, limit_bytes: float) -> bool:
+        if isinstance(out, torch.Tensor):
+            head, n = out, None
+        elif isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and all(o is None for o in out[1:]):
+            head, n = out[0], len(out)
+        else:
+            return False
+        sl, buf = self.batches[b], self.buffers.get(child)
+        if (head.shape[0] != sl.stop - sl.start or head.numel() * head.element_size() > limit_bytes
+                or self.arity.get(child, n) != n):
+            return False
+        if buf is None:
+            buf = self.buffers[child] = head.new_empty((self.batches[-1].stop,) + head.shape[1:])
+        elif buf.shape[1:] != head.shape[1:] or buf.dtype != head.dtype:
+            return False
+        buf[sl] = head
+        self.arity[child] = n
+        self.stored.add((child, b))
+        return True
+
+    def _load(self, child: str, b: int):
+        y = self.buffers[child][self.batches[b]].clone()  # a copy: callers may modify it in place
+        n = self.arity[child]
+        return y if n is None else (y,) + (None,) * (n - 1)
+
+    def _forget(self, child: str) -> None:
+        self.ready_at.pop(child, None)
+        self.buffers.pop(child, None)
+        self.stored = {k for k in self.stored if k[0] != child}
+
+    @contextlib.contextmanager
+    def use(self, b: int, done: int, members: Sequence[str], limit_bytes: int):
+        """Within: the children final once `done` groups are quantized give their output for batch b
+        (except those holding one of `members`: their inputs are wanted), or record it when later
+        passes will want it. limit_bytes: the most one batch's output may hold (else the child is
+        left out); 0: reuse only, record nothing."""
+        patched = []
+        holding = {m.split(".", 1)[0] for m in members}
+        record = set(self.recorded_in(done)) if limit_bytes else set()
+        for name, ready in list(self.ready_at.items()):
+            if ready > done:
+                continue
+            module, calls = self.children[name], []
+
+            def forward(*args, _name=name, _calls=calls, _orig=module.forward, _reuse=name not in holding, **kw):
+                _calls.append(1)
+                if len(_calls) > 1:  # called again within one forward: its output is not one thing
+                    self._forget(_name)
+                    return _orig(*args, **kw)
+                if _reuse and (_name, b) in self.stored:
+                    return self._load(_name, b)
+                out = _orig(*args, **kw)
+                if _name in record and not self._store(_name, b, out, limit_bytes):
+                    self._forget(_name)
+                return out
+            patched.append((module, module.__dict__.get("forward")))
+            module.forward = forward
+        try:
+            yield
+        finally:
+            for module, own in patched:
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own
+
+
 @torch.no_grad()
 def _inputs_of(block, members: list[str], x: torch.Tensor, kw: dict[str, Any], autocast,
-               out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               out: torch.Tensor | None = None, stop_after: torch.nn.Module | None = None
+               ) -> dict[str, torch.Tensor]:
     """What each of the block's Linears `members` receives when the block runs on x.
 
-    The forward stops after the last member's input is known, unless `out` is given: then it runs
-    to the end and writes the block's output there (x may be `out` itself).
+    The forward stops after the last member's input is known (or, with stop_after, once that module
+    has returned), unless `out` is given: then it runs to the end and writes the block's output
+    there (x may be `out` itself).
     """
     modules = dict(block.named_modules())
     got: dict[str, torch.Tensor] = {}
@@ -299,9 +479,13 @@ def _inputs_of(block, members: list[str], x: torch.Tensor, kw: dict[str, Any], a
     for m in members:
         def hook(module, args, m=m):
             got[m] = args[0]
-            if m == members[-1] and out is None:
+            if m == members[-1] and out is None and stop_after is None:
                 raise _StopForward
         handles.append(modules[m].register_forward_pre_hook(hook))
+    if out is None and stop_after is not None:
+        def stop(module, args, output):
+            raise _StopForward
+        handles.append(stop_after.register_forward_hook(stop))
     try:
         with autocast():
             y = _block_output(block(x, **kw))
@@ -318,31 +502,49 @@ def _inputs_of(block, members: list[str], x: torch.Tensor, kw: dict[str, Any], a
 @torch.no_grad()
 def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.Linear, fmt.QuantConfig, str]],
                    acts: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice],
-                   cfg: fmt.QuantConfig, block_index: int, progress: Callable[[str], None], autocast,
-                   fp_block=None, last: bool = False):
+                   cfg: fmt.QuantConfig, block_index: int, progress: Callable[[str], None], calib: Calibration,
+                   fp_block=None, last: bool = False, memos: tuple[ChildMemo, ChildMemo | None] | None = None,
+                   done: int = 0):
     """Hessians of `members` from the block's forward over the calibration set, then GPTQ each.
 
     acts[0] holds the block's inputs in the quantized model; with fp targets (fp_block: the block's
     fp copy), acts[1] holds them in the fp model, and each Linear is fit to its fp outputs; the
     block's `last` group also advances acts[1] to the fp block's outputs.
     Members reading the same input share one Hessian (accumulated once, copied). The forwards stop
-    before the last member runs: nothing after it is needed.
+    before the last member runs: nothing after it is needed. memos: the quantized and fp blocks'
+    ChildMemos; done: how many of the block's groups are quantized already.
     """
     from vllm_gptq_plugin.offline_quant.gptq import GPTQ
     gptq = {m: GPTQ(layers[m][0], layers[m][2]) for m in members}
     alias: dict[str, str] = {}
+    qmemo, fpmemo = memos or (None, None)
+    computable = qmemo.computable(members, done) if qmemo is not None else {}
+    kept: dict[str, torch.Tensor] = {}  # their inputs, all batches
     for b, sl in enumerate(batches):
-        xs = _inputs_of(block, members, acts[0][sl], kwargs[b], autocast)
-        # The fp block never changes: its last pass over a batch runs to the end and moves the fp
-        # path on to the next block's inputs, instead of a separate run_block.
-        targets = {} if fp_block is None else _inputs_of(fp_block, members, acts[1][sl], kwargs[b], autocast,
-                                                         out=acts[1][sl] if last else None)
-        for i, m in enumerate(members):
-            src = next((s for s in members[:i] if xs[s] is xs[m]), None)
-            if src is None:
-                gptq[m].add_batch(xs[m], targets.get(m))
-            else:
-                alias[m] = src
+        limit = acts[0][sl].numel() * acts.element_size()
+        with _memo(qmemo, b, done, members, limit):
+            xs = _inputs_of(block, members, acts[0][sl], kwargs[b], calib.autocast)
+        targets = {}
+        if fp_block is not None:
+            # The fp block never changes: its pass runs on to the end of the child holding the last
+            # member, so later passes reuse that child's output; the last pass over a batch runs to
+            # the end and moves the fp path on to the next block's inputs, instead of a run_block.
+            with _memo(fpmemo, b, done, members, 0 if last else limit):
+                targets = _inputs_of(fp_block, members, acts[1][sl], kwargs[b], calib.autocast,
+                                     out=acts[1][sl] if last else None,
+                                     stop_after=fpmemo.stop_after(members, done) if fpmemo else None)
+            assert set(targets) == set(members), f"the fp block's pass missed {set(members) - set(targets)}"
+        for m in computable:
+            if m not in kept:
+                kept[m] = xs[m].new_empty((acts.shape[1],) + xs[m].shape[1:])
+            kept[m][sl] = xs[m]
+        with calib.hessian_gemms():
+            for i, m in enumerate(members):
+                src = next((s for s in members[:i] if xs[s] is xs[m]), None)
+                if src is None:
+                    gptq[m].add_batch(xs[m], targets.get(m))
+                else:
+                    alias[m] = src
         del xs, targets
     for m, src in alias.items():
         gptq[m].H = gptq[src].H.clone()
@@ -364,15 +566,22 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
                          rpt.output_sqnr_db(W, result.Q, H), seconds))
         gptq[m].free()
         del W, H, result
+        if m in kept:  # the child's output in every later pass
+            qmemo.fill(computable[m], kept.pop(m), module, calib.autocast)
     return packed, rows
 
 
 @torch.no_grad()
-def run_block(block, inps: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice], autocast) -> None:
+def run_block(block, inps: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice], autocast,
+              memo: ChildMemo | None = None, done: int = 0) -> None:
     """inps <- block(inps), batch by batch in place: only one activation buffer is ever live."""
     for b, sl in enumerate(batches):
-        with autocast():
+        with _memo(memo, b, done, (), 0), autocast():
             inps[sl] = _block_output(block(inps[sl], **kwargs[b]))
+
+
+def _memo(memo: ChildMemo | None, b: int, done: int, members: Sequence[str], limit_bytes: int):
+    return memo.use(b, done, members, limit_bytes) if memo is not None else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,8 +725,10 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
 def _memory(model, cfg: fmt.QuantConfig, calib: Calibration, method: str) -> dict[str, float]:
     unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied lm_head counted once
     model_mb = sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
-    paths = 2 if cfg.meta.get("fp_targets") else 1  # activation buffers: quantized model (and fp model)
-    act_mb = 0.0 if method == "rtn" else paths * calib.nsamples * calib.seqlen * model.config.hidden_size * 4 / 2**20
+    paths = 2 if cfg.meta.get("fp_targets") else 1  # the quantized model's path (and the fp model's)
+    # per path: the block inputs in fp32, and ChildMemo's attention outputs in the forward dtype
+    per_token = 4 + (2 if calib.forward_dtype == "bf16" else 4)
+    act_mb = 0.0 if method == "rtn" else paths * calib.nsamples * calib.seqlen * model.config.hidden_size * per_token / 2**20
     return {"model_mb": model_mb, "activations_mb": act_mb, "bound_mb": 1.5 * model_mb + act_mb}
 
 
@@ -568,20 +779,23 @@ def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, cali
         weights.load(linears)
         if groups is None or set(layers) != {n for g in groups for n in g}:  # else same as the last block
             groups = sequential_groups(block, list(layers), acts[0][batches[0]], block_kw[0], cfg.true_sequential)
+            passthrough = passthrough_children(block, groups, acts[0][batches[0]], block_kw[0])
         layer_bar = bars(total=len(layers), desc=f"block {i}", unit="layer", leave=False)
         block_packed = {}
         fp_block = copy.deepcopy(block) if fp_targets else None
-        for members in groups:
+        memos = (ChildMemo(block, groups, batches, passthrough=passthrough),
+                 ChildMemo(fp_block, groups, batches, fp=True) if fp_targets else None)
+        for done, members in enumerate(groups):
             def step(name):
                 layer_bar.set_postfix_str(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
-            p, r = quantize_group(block, members, layers, acts, block_kw, batches, cfg, i, step, calib.autocast,
-                                  fp_block, last=members is groups[-1])
+            p, r = quantize_group(block, members, layers, acts, block_kw, batches, cfg, i, step, calib,
+                                  fp_block, last=members is groups[-1], memos=memos, done=done)
             layer_bar.update(len(members))
             block_packed.update(p)
             rows.extend(r)
         layer_bar.close()
-        run_block(block, acts[0], block_kw, batches, calib.autocast)
-        del fp_block
+        run_block(block, acts[0], block_kw, batches, calib.autocast, memos[0], len(groups))
+        del fp_block, memos
         weights.drop(linears)
         packed.update(block_packed)
         work.save(i + 1, block_packed, acts, rows)

@@ -146,6 +146,30 @@ def test_blocked_upper_cholesky(k, block, monkeypatch):
     assert not gptq_mod._upper_cholesky_(H.clone())
 
 
+def test_mse_search_keeps_each_rows_best_shrink(monkeypatch):
+    """The vectorized search (in row chunks) picks, per row, the first shrink factor with the lowest
+    |w - w'|^2.4, as a plain loop over the candidates does."""
+    torch.manual_seed(0)
+    W = torch.randn(50, 64) * torch.rand(50, 1) * 3
+    monkeypatch.setattr(grid, "MSE_CHUNK", 21 * 64 * 7)  # 7 rows per chunk
+    for sym in (True, False):
+        scale, zero = grid.find_params(W, 3, sym, 1, mse=True, grid=100, maxshrink=0.2)
+        lo, hi = W.min(1).values.clamp(max=0), W.max(1).values.clamp(min=0)
+        if sym:
+            hi = torch.maximum(lo.abs(), hi)
+            lo = torch.where(lo < 0, -hi, lo)
+        for r in range(W.shape[0]):
+            errs = []
+            for i in range(21):
+                p = 1 - i / 100
+                s, z = grid._range_to_grid(p * lo[r:r + 1], p * hi[r:r + 1], 7, sym, 1)
+                errs.append(float((grid.dequantize(grid.quantize(W[r:r + 1], s, z, 3), s, z) - W[r]).abs()
+                                  .pow(2.4).sum()))
+            i = min(range(21), key=lambda j: (errs[j], j))
+            s, z = grid._range_to_grid((1 - i / 100) * lo[r:r + 1], (1 - i / 100) * hi[r:r + 1], 7, sym, 1)
+            assert (float(scale[r]), float(zero[r])) == (float(s), float(z)), (r, i)
+
+
 def test_blocksize_does_not_change_result():
     cfg = fmt.QuantConfig(bits=4, group_size=32, desc_act=True)
     a, *_ = run_gptq(cfg, blocksize=128)

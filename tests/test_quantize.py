@@ -251,6 +251,47 @@ def test_other_architectures_quantize_without_per_model_code(arch, tiny_arch, tm
     assert len(fmt.validate(gptq)["layers"]) == 14
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_reused_child_outputs_give_the_same_checkpoint(arch, tiny_arch, tmp_path, monkeypatch):
+    """ChildMemo (attention outputs kept across a block's passes) changes the cost, not the result:
+    the checkpoint is bit-identical to recomputing every pass, with fp targets and several batches."""
+    import contextlib
+    from safetensors.torch import load_file
+    model_dir = tiny_arch(arch)
+    cfg = qz.config_from_args(_parsed(["--bits", "4", "--group-size", "32"]))  # the defaults, fp targets on
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: (calls.append(1), sdpa(*a, **k))[1])
+    kw = dict(nsamples=8, seqlen=32, progress=False, threads=1, batch_size=4)
+    memo = load_file(api.quantize(model_dir, tmp_path / "memo", cfg, **kw) / "model.safetensors")
+    n_memo = len(calls)
+    monkeypatch.setattr(qz.ChildMemo, "use", lambda *a: contextlib.nullcontext())
+    calls.clear()
+    plain = load_file(api.quantize(model_dir, tmp_path / "plain", cfg, **kw) / "model.safetensors")
+    assert memo.keys() == plain.keys()
+    assert all(torch.equal(memo[k], plain[k]) for k in memo)
+    assert 0 < n_memo <= 0.4 * len(calls), (n_memo, len(calls))  # attention once per path and batch
+
+
+@pytest.mark.parametrize("forward_dtype", ["bf16", "fp32"])
+def test_hessian_gemms_keep_fp32_sums_and_restore_the_setting(forward_dtype):
+    """H accumulates in fp32 whatever GEMM mode the bf16 forwards allow (inputs may be read as bf16,
+    sums are not), and the global matmul setting is back as it was afterwards."""
+    from vllm_gptq_plugin.offline_quant.gptq import GPTQ
+    torch.manual_seed(0)
+    X = torch.randn(4096, 96) * torch.linspace(0.1, 4, 96) + torch.randn(96)  # correlated, offsets
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    g = GPTQ(torch.nn.Linear(96, 8), "l")
+    with qz.Calibration(forward_dtype=forward_dtype).hessian_gemms():
+        for x in X.split(1000):
+            g.add_batch(x)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    ref = 2 / 4096 * X.double().t() @ X.double()
+    assert g.H.dtype == torch.float32
+    assert float((g.H.double() - ref).norm() / ref.norm()) < (2e-3 if forward_dtype == "bf16" else 1e-5)
+
+
 def _parsed(argv):
     import argparse
     p = argparse.ArgumentParser()
