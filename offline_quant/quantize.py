@@ -519,16 +519,16 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
     alias: dict[str, str] = {}
     qmemo, fpmemo = memos or (None, None)
     computable = qmemo.computable(members, done) if qmemo is not None else {}
-    kept: dict[str, torch.Tensor] = {}  # their inputs, all batches
+    kept: dict[str, torch.Tensor] = {}  # the inputs of the members in `computable`, all batches
     for b, sl in enumerate(batches):
         limit = acts[0][sl].numel() * acts.element_size()
         with _memo(qmemo, b, done, members, limit):
             xs = _inputs_of(block, members, acts[0][sl], kwargs[b], calib.autocast)
         targets = {}
         if fp_block is not None:
-            # The fp block never changes: its pass runs on to the end of the child holding the last
-            # member, so later passes reuse that child's output; the last pass over a batch runs to
-            # the end and moves the fp path on to the next block's inputs, instead of a run_block.
+            # The fp block never changes: where a later pass can reuse the output of the child holding
+            # the last member, this pass runs on to that child's end to record it (stop_after); the
+            # last pass runs to the end and moves the fp path on to the next block's inputs.
             with _memo(fpmemo, b, done, members, 0 if last else limit):
                 targets = _inputs_of(fp_block, members, acts[1][sl], kwargs[b], calib.autocast,
                                      out=acts[1][sl] if last else None,
@@ -778,8 +778,10 @@ def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, cali
         linears = {full: module for module, _, full in layers.values()}
         weights.load(linears)
         if groups is None or set(layers) != {n for g in groups for n in g}:  # else same as the last block
-            groups = sequential_groups(block, list(layers), acts[0][batches[0]], block_kw[0], cfg.true_sequential)
-            passthrough = passthrough_children(block, groups, acts[0][batches[0]], block_kw[0])
+            with calib.autocast():  # traces of one batch, with the passes' (smaller) temporaries
+                groups = sequential_groups(block, list(layers), acts[0][batches[0]], block_kw[0],
+                                           cfg.true_sequential)
+                passthrough = passthrough_children(block, groups, acts[0][batches[0]], block_kw[0])
         layer_bar = bars(total=len(layers), desc=f"block {i}", unit="layer", leave=False)
         block_packed = {}
         fp_block = copy.deepcopy(block) if fp_targets else None
