@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CALIB = ("mix",)  # Shakespeare + Python docs: generalizes better than either alone
 DEFAULT_NSAMPLES = 128
 DEFAULT_SEQLEN = 512  # the paper uses 128 x 2048; 512 tokens suffice for small models and 4x faster
-DEFAULT_BATCH = 8
+DEFAULT_BATCH = 4  # samples per forward: 8 ran no faster and its temporaries fragmented the heap (peak RSS)
 # Block forwards are ~3/4 of a run; bf16 matmuls are ~4x faster than fp32 on AVX512-BF16 CPUs and
 # GPUs, and cost no measurable quality (benchmarks/quality.py, README). Weights and solves stay fp32.
 FORWARD_DTYPES = ("bf16", "fp32")
