@@ -90,16 +90,16 @@ class Calibration:
         """The context H and C accumulate in: with bf16 forwards, fp32 GEMMs may read their inputs as
         bf16 (oneDNN's fpmath mode; the Linears see bf16 inputs anyway) but sum and write fp32. On
         AVX512 CPUs this also takes oneDNN's AVX512 kernels where MKL runs AVX2 ones (AMD): 2x here."""
-        mkl = torch.backends.mkldnn
-        if self.forward_dtype != "bf16" or not mkl.is_available():
+        onednn = torch.backends.mkldnn
+        if self.forward_dtype != "bf16" or not onednn.is_available():
             yield
             return
-        old = mkl.matmul.fp32_precision
-        mkl.matmul.fp32_precision = "bf16"
+        old = onednn.matmul.fp32_precision
+        onednn.matmul.fp32_precision = "bf16"
         try:
             yield
         finally:
-            mkl.matmul.fp32_precision = old
+            onednn.matmul.fp32_precision = old
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ class ChildMemo:
                 y = linear(inputs[sl])
             if b == 0 and y.shape[1:] == inputs.shape[1:] and y.dtype == inputs.dtype:
                 self.buffers[child] = inputs  # each batch's slot is read before it is overwritten
-            if not self._store(child, b, y if n is None else (y,) + (None,) * (n - 1), math.inf):
+            if not self._put(child, b, y, n, math.inf):
                 self._forget(child)
                 return
 
@@ -397,12 +397,15 @@ class ChildMemo:
         return self.children[child] if child in self.recorded_in(done) else None
 
     def _store(self, child: str, b: int, out, limit_bytes: float) -> bool:
+        """Keep a child's output for batch b if it is a tensor, or a tuple of one tensor and Nones."""
         if isinstance(out, torch.Tensor):
-            head, n = out, None
-        elif isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and all(o is None for o in out[1:]):
-            head, n = out[0], len(out)
-        else:
-            return False
+            return self._put(child, b, out, None, limit_bytes)
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and all(o is None for o in out[1:]):
+            return self._put(child, b, out[0], len(out), limit_bytes)
+        return False
+
+    def _put(self, child: str, b: int, head: torch.Tensor, n: int | None, limit_bytes: float) -> bool:
+        """head: the output's tensor; n: None (the output is head) or the length of its tuple."""
         sl, buf = self.batches[b], self.buffers.get(child)
         if (head.shape[0] != sl.stop - sl.start or head.numel() * head.element_size() > limit_bytes
                 or self.arity.get(child, n) != n):
