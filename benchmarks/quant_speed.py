@@ -21,7 +21,7 @@ import torch
 from vllm_gptq_plugin import format as fmt
 from vllm_gptq_plugin.offline_quant import grid
 from vllm_gptq_plugin.offline_quant.gptq import GPTQ
-from vllm_gptq_plugin.offline_quant.quantize import Calibration
+from vllm_gptq_plugin.offline_quant.calibration import Calibration
 
 
 def paper_form_solve(W: torch.Tensor, H: torch.Tensor, bits: int, groupsize: int, sym: bool,

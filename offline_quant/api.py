@@ -17,17 +17,17 @@ from typing import Iterable
 import torch
 
 from vllm_gptq_plugin.format import FormatError, QuantConfig
-from vllm_gptq_plugin.offline_quant import quantize as _driver
+from vllm_gptq_plugin.offline_quant import calibration as _calib, driver as _driver, rtn as _rtn
 
 __all__ = ["QuantConfig", "FormatError", "quantize", "load"]
 
 
 def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig | None = None, *,
-             calib: str | Iterable[str] = _driver.DEFAULT_CALIB, nsamples: int = _driver.DEFAULT_NSAMPLES,
-             seqlen: int = _driver.DEFAULT_SEQLEN, seed: int = 0, method: str = "gptq",
-             resume: bool = True, overwrite: bool = False, batch_size: int = _driver.DEFAULT_BATCH,
+             calib: str | Iterable[str] = _calib.DEFAULT_CALIB, nsamples: int = _calib.DEFAULT_NSAMPLES,
+             seqlen: int = _calib.DEFAULT_SEQLEN, seed: int = 0, method: str = "gptq",
+             resume: bool = True, overwrite: bool = False, batch_size: int = _calib.DEFAULT_BATCH,
              threads: int | None = None, progress: bool = True,
-             forward_dtype: str = _driver.DEFAULT_FORWARD_DTYPE) -> Path:
+             forward_dtype: str = _calib.DEFAULT_FORWARD_DTYPE) -> Path:
     """Quantize the HF causal LM in `model_dir` into the checkpoint folder `out` and return its path.
 
     calib: calibration text sources ("mix" = Shakespeare + Python docs, "pydocs", "shakespeare",
@@ -36,11 +36,16 @@ def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: QuantCon
     the same arguments (resume=False discards it). forward_dtype: "bf16" (default) or "fp32" calibration
     forward passes. The per-layer report is `out`/quant_report.json.
     """
+    if method == "rtn":
+        return _rtn.quantize_checkpoint(model_dir, out, cfg or QuantConfig(), overwrite=overwrite,
+                                        threads=threads, progress=progress)[0]
+    if method != "gptq":
+        raise FormatError(f"unknown method {method!r}: choose 'gptq' or 'rtn'")
     sources = (calib,) if isinstance(calib, (str, os.PathLike)) else tuple(calib)
-    calibration = _driver.Calibration(tuple(str(s) for s in sources), nsamples, seqlen, seed, forward_dtype)
-    path, _ = _driver.quantize_model(model_dir, out, cfg or QuantConfig(), calibration, method=method,
-                                     resume=resume, overwrite=overwrite, batch_size=batch_size,
-                                     threads=threads, progress=progress)
+    calibration = _calib.Calibration(tuple(str(s) for s in sources), nsamples, seqlen, seed, forward_dtype)
+    path, _ = _driver.quantize_model(model_dir, out, cfg or QuantConfig(), calibration, resume=resume,
+                                     overwrite=overwrite, batch_size=batch_size, threads=threads,
+                                     progress=progress)
     return path
 
 

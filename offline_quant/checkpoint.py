@@ -2,6 +2,7 @@
 vllm_gptq_plugin.format, which owns the layout). Shared by every quantization method."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,20 @@ def quantizable_linears(model: torch.nn.Module, cfg: fmt.QuantConfig) -> dict[st
     if not out:
         raise fmt.FormatError("no nn.Linear layer is left to quantize: check the model and the dynamic rules")
     return out
+
+
+def stamped(cfg: fmt.QuantConfig, method: str) -> fmt.QuantConfig:
+    """cfg as the checkpoint records it: which quantizer and method made it."""
+    return dataclasses.replace(cfg, meta={**cfg.meta, "quantizer": "vllm-gptq-plugin", "method": method})
+
+
+def pack_linear(module: torch.nn.Linear, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                g_idx: torch.Tensor, lcfg: fmt.QuantConfig, checkpoint_format: str) -> dict[str, torch.Tensor]:
+    """One quantized Linear's tensors in the checkpoint (format.pack_layer), its bias in fp16."""
+    packed = fmt.pack_layer(q, zeros, scales, g_idx, lcfg.bits, checkpoint_format)
+    if module.bias is not None:
+        packed["bias"] = module.bias.detach().to(torch.float16)
+    return packed
 
 
 def checkpoint_tensors(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]],

@@ -71,6 +71,41 @@ def current_rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def row(name: str, block: int, lcfg, stats: dict[str, Any], sqnr: float, seconds: float) -> dict[str, Any]:
+    """A layer's row (lcfg: its format.QuantConfig; stats: gptq.GPTQResult.stats, {} for RTN)."""
+    return {"name": name, "block": block, "bits": lcfg.bits, "group_size": lcfg.group_size,
+            "sym": lcfg.sym, "desc_act": lcfg.desc_act, "damp": stats.get("damp_percent"),
+            "escalations": stats.get("damp_escalations", 0), "cond": stats.get("hessian_cond_est"),
+            "dead_columns": stats.get("dead_columns", 0), "fallback": stats.get("fallback"),
+            "hints": hints(stats), "loss": stats.get("loss"), "sqnr_db": sqnr, "seconds": seconds}
+
+
+def memory(model: torch.nn.Module, cfg, calib) -> dict[str, float]:
+    """What a run's peak RSS is measured against: 1.5 x the fp model + the calibration activations
+    (calib: offline_quant.calibration.Calibration, None for RTN, which keeps none)."""
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied lm_head counted once
+    model_mb = sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
+    paths = 2 if cfg.meta.get("fp_targets") else 1  # the quantized model's path (and the fp model's)
+    # per path: the block inputs in fp32, and ChildMemo's attention outputs in the forward dtype
+    per_token = 4 + (2 if calib is not None and calib.forward_dtype == "bf16" else 4)
+    act_mb = 0.0 if calib is None else paths * calib.nsamples * calib.seqlen * model.config.hidden_size * per_token / 2**20
+    return {"model_mb": model_mb, "activations_mb": act_mb, "bound_mb": 1.5 * model_mb + act_mb}
+
+
+def build(method: str, cfg, calibration: dict[str, Any] | None, rows: list[dict[str, Any]],
+          wall_seconds: float, memory: dict[str, float]) -> dict[str, Any]:
+    """The report of a finished run (cfg: the checkpoint's format.QuantConfig)."""
+    return {"method": method, "config": cfg.to_dict(), "calibration": calibration,
+            "threads": torch.get_num_threads(), "wall_seconds": wall_seconds, "peak_rss_mb": peak_rss_mb(),
+            "memory": memory, "layers": rows, "sensitivity": sensitivity(rows)}
+
+
+def progress_bars(enabled: bool):
+    """tqdm with the same keywords, or silent."""
+    from tqdm.auto import tqdm
+    return lambda **kw: tqdm(disable=not enabled, **kw)
+
+
 def sensitivity(rows: list[dict[str, Any]], top: int = TOP_SENSITIVE) -> list[dict[str, Any]]:
     """The layers with the lowest output SQNR, each with the --rule that would give it 8 bits."""
     ranked = sorted((r for r in rows if r.get("sqnr_db") is not None and r["bits"] < 8),

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from vllm_gptq_plugin import cli, format as fmt
-from vllm_gptq_plugin.offline_quant import api, data, quantize as qz, report as rpt
+from vllm_gptq_plugin.offline_quant import api, data, model_io, quantize as qz, report as rpt, tracing
+from vllm_gptq_plugin.offline_quant.calibration import DEFAULT_CALIB, Calibration
+from vllm_gptq_plugin.offline_quant.memo import ChildMemo
 
 pytest.importorskip("vllm_gptq_plugin.offline_quant.gptq")
 CALIB = dict(nsamples=8, seqlen=64, progress=False, threads=1)
@@ -33,7 +35,7 @@ def _kl_to_fp(model, fp, ids) -> float:
 def _calib_ids(model_dir, nsamples=8, seqlen=64):
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    return data.calibration_samples(tok, list(qz.DEFAULT_CALIB), nsamples, seqlen, 0)
+    return data.calibration_samples(tok, list(DEFAULT_CALIB), nsamples, seqlen, 0)
 
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2"])
@@ -71,17 +73,17 @@ def test_output_sqnr_from_the_hessian_equals_the_direct_one():
 
 
 def test_true_sequential_groups_follow_the_block(tiny_qwen2):
-    model, _ = qz.load_causal_lm(tiny_qwen2)
-    prefix, blocks = qz.decoder_blocks(model)
+    model, _ = model_io.load_causal_lm(tiny_qwen2)
+    prefix, blocks = model_io.decoder_blocks(model)
     ids = torch.randint(0, 1000, (2, 16))
-    acts, kwargs = qz.capture_block_inputs(model, blocks, ids, qz.batch_slices(2, 2), paths=2)
+    acts, kwargs = tracing.capture_block_inputs(model, blocks, ids, tracing.batch_slices(2, 2), paths=2)
     assert prefix == "model.layers" and acts.shape == (2, 2, 16, 128) and torch.equal(acts[0], acts[1])
     hidden = acts[0]
     names = [n for n, m in blocks[1].named_modules() if isinstance(m, torch.nn.Linear)]
-    groups = qz.sequential_groups(blocks[1], names, hidden, kwargs[0][1], true_sequential=True)
+    groups = tracing.sequential_groups(blocks[1], names, hidden, kwargs[0][1], true_sequential=True)
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
-    assert qz.sequential_groups(blocks[1], names, hidden, kwargs[0][1], False) == [sum(groups, [])]
+    assert tracing.sequential_groups(blocks[1], names, hidden, kwargs[0][1], False) == [sum(groups, [])]
     # The captured inputs are what the real model feeds block 0: the recorder changed nothing.
     with torch.no_grad():
         out = model.model(input_ids=ids, output_hidden_states=True).hidden_states[0]
@@ -266,7 +268,7 @@ def test_reused_child_outputs_give_the_same_checkpoint(arch, tiny_arch, tmp_path
     kw = dict(nsamples=8, seqlen=32, progress=False, threads=1, batch_size=4)
     memo = load_file(api.quantize(model_dir, tmp_path / "memo", cfg, **kw) / "model.safetensors")
     n_memo = len(calls)
-    monkeypatch.setattr(qz.ChildMemo, "use", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(ChildMemo, "use", lambda *a: contextlib.nullcontext())
     calls.clear()
     plain = load_file(api.quantize(model_dir, tmp_path / "plain", cfg, **kw) / "model.safetensors")
     assert memo.keys() == plain.keys()
@@ -283,7 +285,7 @@ def test_hessian_gemms_keep_fp32_sums_and_restore_the_setting(forward_dtype):
     X = torch.randn(4096, 96) * torch.linspace(0.1, 4, 96) + torch.randn(96)  # correlated, offsets
     before = torch.backends.mkldnn.matmul.fp32_precision
     g = GPTQ(torch.nn.Linear(96, 8), "l")
-    with qz.Calibration(forward_dtype=forward_dtype).hessian_gemms():
+    with Calibration(forward_dtype=forward_dtype).hessian_gemms():
         for x in X.split(1000):
             g.add_batch(x)
     assert torch.backends.mkldnn.matmul.fp32_precision == before

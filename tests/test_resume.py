@@ -10,7 +10,8 @@ import textwrap
 import pytest
 
 from vllm_gptq_plugin import format as fmt
-from vllm_gptq_plugin.offline_quant import api, quantize as qz
+from vllm_gptq_plugin.offline_quant import api, driver
+from vllm_gptq_plugin.offline_quant.resume import WorkState
 
 pytest.importorskip("vllm_gptq_plugin.offline_quant.gptq")
 CFG = dict(bits=4, group_size=64, desc_act=True, sym=False)
@@ -32,13 +33,13 @@ def _weights(path) -> bytes:
 
 
 def _crash_after_first_block(monkeypatch):
-    save = qz.WorkState.save
+    save = WorkState.save
 
     def save_then_crash(self, done, *args):
         save(self, done, *args)
         if done == 1:
             raise Crash
-    monkeypatch.setattr(qz.WorkState, "save", save_then_crash)
+    monkeypatch.setattr(WorkState, "save", save_then_crash)
 
 
 def test_rerun_is_deterministic(tiny_llama, reference, tmp_path):
@@ -62,8 +63,8 @@ def test_resume_after_a_crash_is_bit_identical(tiny_llama, reference, tmp_path, 
     assert state["done"] == 1 and len(state["rows"]) == 7
 
     resumed_blocks = []
-    run_block = qz.run_block
-    monkeypatch.setattr(qz, "run_block", lambda block, *a: (resumed_blocks.append(block), run_block(block, *a)))
+    run_block = driver.run_block
+    monkeypatch.setattr(driver, "run_block", lambda block, *a: (resumed_blocks.append(block), run_block(block, *a)))
     path = api.quantize(tiny_llama, out, api.QuantConfig(**CFG), **RUN)
     assert len(resumed_blocks) == 1, "block 0 must not be quantized again"
     assert _weights(path) == _weights(reference)
@@ -87,13 +88,14 @@ def test_changed_settings_refuse_to_resume(tiny_llama, reference, tmp_path, monk
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from vllm_gptq_plugin.offline_quant import api, quantize as qz
-    save = qz.WorkState.save
+    from vllm_gptq_plugin.offline_quant import api
+    from vllm_gptq_plugin.offline_quant.resume import WorkState
+    save = WorkState.save
     def save_then_die(self, done, *args):
         save(self, done, *args)
         if done == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handlers: a real kill -9
-    qz.WorkState.save = save_then_die
+    WorkState.save = save_then_die
     api.quantize(sys.argv[1], sys.argv[2], api.QuantConfig(**{cfg}), **{run})
 """)
 

@@ -1,0 +1,98 @@
+"""Quantizing one decoder block, group by group: each group's Hessians from the block's forward over
+the calibration set, the GPTQ solve of each member, its dequantized weights written back so that later
+groups see them (quantize_group); then the quantized block run to give the next block's inputs
+(run_block)."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+from vllm_gptq_plugin import format as fmt
+from vllm_gptq_plugin.offline_quant import checkpoint, report as rpt
+from vllm_gptq_plugin.offline_quant.calibration import Calibration
+from vllm_gptq_plugin.offline_quant.gptq import GPTQ
+from vllm_gptq_plugin.offline_quant.memo import ChildMemo, use_memo
+from vllm_gptq_plugin.offline_quant.tracing import block_output, inputs_of
+
+
+@torch.no_grad()
+def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.Linear, fmt.QuantConfig, str]],
+                   acts: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice],
+                   cfg: fmt.QuantConfig, block_index: int, progress: Callable[[str], None], calib: Calibration,
+                   fp_block=None, last: bool = False, memos: tuple[ChildMemo, ChildMemo | None] | None = None,
+                   done: int = 0):
+    """Hessians of `members` from the block's forward over the calibration set, then GPTQ each.
+
+    acts[0] holds the block's inputs in the quantized model; with fp targets (fp_block: the block's
+    fp copy), acts[1] holds them in the fp model, and each Linear is fit to its fp outputs; the
+    block's `last` group also advances acts[1] to the fp block's outputs.
+    Members reading the same input share one Hessian (accumulated once, copied). The forwards stop
+    before the last member runs: nothing after it is needed. memos: the quantized and fp blocks'
+    ChildMemos; done: how many of the block's groups are quantized already.
+    """
+    gptq = {m: GPTQ(layers[m][0], layers[m][2]) for m in members}
+    alias: dict[str, str] = {}
+    qmemo, fpmemo = memos or (None, None)
+    computable = qmemo.computable(members, done) if qmemo is not None else {}
+    kept: dict[str, torch.Tensor] = {}  # the inputs of the members in `computable`, all batches
+    for b, sl in enumerate(batches):
+        limit = acts[0][sl].numel() * acts.element_size()
+        with use_memo(qmemo, b, done, members, limit):
+            xs = inputs_of(block, members, acts[0][sl], kwargs[b], calib.autocast)
+        targets = {}
+        if fp_block is not None:
+            # The fp block never changes: where a later pass can reuse the output of the child holding
+            # the last member, this pass runs on to that child's end to record it (stop_after); the
+            # last pass runs to the end and moves the fp path on to the next block's inputs.
+            with use_memo(fpmemo, b, done, members, 0 if last else limit):
+                targets = inputs_of(fp_block, members, acts[1][sl], kwargs[b], calib.autocast,
+                                     out=acts[1][sl] if last else None,
+                                     stop_after=fpmemo.stop_after(members, done) if fpmemo else None)
+            assert set(targets) == set(members), f"the fp block's pass missed {set(members) - set(targets)}"
+        for m in computable:
+            if m not in kept:
+                kept[m] = xs[m].new_empty((acts.shape[1],) + xs[m].shape[1:])
+            kept[m][sl] = xs[m]
+        with calib.hessian_gemms():
+            for i, m in enumerate(members):
+                src = next((s for s in members[:i] if xs[s] is xs[m]), None)
+                if src is None:
+                    gptq[m].add_batch(xs[m], targets.get(m))
+                else:
+                    alias[m] = src
+        del xs, targets
+    for m, src in alias.items():
+        gptq[m].H = gptq[src].H.clone()
+        gptq[m].C = None if gptq[src].C is None else gptq[src].C.clone()
+        gptq[m].nsamples = gptq[src].nsamples
+    packed, rows = {}, []
+    for m in members:
+        module, lcfg, full = layers[m]
+        progress(full)
+        t0 = time.perf_counter()
+        H = gptq[m].H.clone()  # fasterquant damps H in place; SQNR needs the raw one
+        result = gptq[m].fasterquant(lcfg)
+        # SQNR against what the solve quantized: the fp-target weights W' when there are some
+        W = gptq[m].target if gptq[m].target is not None else module.weight.detach().float().clone()
+        module.weight.copy_(result.Q.to(module.weight.dtype))
+        packed[full] = checkpoint.pack_linear(module, result.q, result.zeros, result.scales, result.g_idx, lcfg,
+                                               cfg.checkpoint_format)
+        seconds = time.perf_counter() - t0
+        rows.append(rpt.row(full, block_index, lcfg, result.stats,
+                               rpt.output_sqnr_db(W, result.Q, H), seconds))
+        gptq[m].free()
+        del W, H, result
+        if m in kept:  # the child's output in every later pass
+            qmemo.fill(computable[m], kept.pop(m), module, calib.autocast)
+    return packed, rows
+
+
+@torch.no_grad()
+def run_block(block, inps: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice], autocast,
+              memo: ChildMemo | None = None, done: int = 0) -> None:
+    """inps <- block(inps), batch by batch in place: only one activation buffer is ever live."""
+    for b, sl in enumerate(batches):
+        with use_memo(memo, b, done, (), 0), autocast():
+            inps[sl] = block_output(block(inps[sl], **kwargs[b]))

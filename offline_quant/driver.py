@@ -1,0 +1,154 @@
+"""GPTQ on a whole model, one decoder block at a time (the GPTQ paper's pipeline, as in its reference
+llama.py):
+
+1. Capture what enters the decoder blocks for the calibration set: the hidden states entering block 0
+   and each block's keyword arguments (position embeddings, mask, position ids), by replacing every
+   block's forward with a recorder, so that only the embeddings run (tracing.capture_block_inputs).
+2. For each block: find its Linears' true-sequential groups by tracing one batch (Linears that read
+   the same input tensor form a group: q/k/v, then o, then gate/up, then down), and for each group in
+   order accumulate H from the block's forward over the calibration set (stopping right before the
+   group's last Linear runs), solve, and write the dequantized Q back, so that later groups see the
+   quantized outputs of earlier ones (block.quantize_group). Then run the quantized block to produce
+   the next block's inputs (block.run_block).
+   With fp targets (GPTAQ), the block's fp copy runs beside it on the fp model's inputs, and each
+   Linear is fit to reproduce its fp outputs from its quantized inputs (gptq.GPTQ.add_batch).
+   The passes after the attention's last group reuse its outputs (memo.ChildMemo): attention runs
+   once per batch and path, not once per group.
+3. lm_head (opt-in) is quantized last on the final norm's output; embeddings and norms stay fp.
+
+Memory: the model's embeddings and norms, one block's Linear weights at a time (model_io.BlockWeights),
+one [nsamples, seqlen, hidden] fp32 activation buffer updated in place and one in the forward dtype
+for the block's attention outputs (twice with fp targets: the fp model's path as well), plus one
+group's Hessians.
+
+Resume (resume.WorkState): a run killed after a finished block continues from it when rerun.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_gptq_plugin import format as fmt
+from vllm_gptq_plugin.offline_quant import checkpoint, model_io, report as rpt
+from vllm_gptq_plugin.offline_quant.block import quantize_group, run_block
+from vllm_gptq_plugin.offline_quant.calibration import DEFAULT_BATCH, FORWARD_DTYPES, Calibration
+from vllm_gptq_plugin.offline_quant.gptq import GPTQ, NonFiniteActivations
+from vllm_gptq_plugin.offline_quant.memo import ChildMemo
+from vllm_gptq_plugin.offline_quant.resume import WorkState, run_key
+from vllm_gptq_plugin.offline_quant.tracing import (batch_slices, capture_block_inputs, passthrough_children,
+                                                    sequential_groups)
+
+log = logging.getLogger(__name__)
+
+
+def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fmt.QuantConfig,
+                   calib: Calibration = Calibration(), resume: bool = True, overwrite: bool = False,
+                   batch_size: int = DEFAULT_BATCH, threads: int | None = None,
+                   progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """GPTQ-quantize the HF causal LM at `model_dir` into checkpoint `out`; returns (path, report)."""
+    if calib.forward_dtype not in FORWARD_DTYPES:
+        raise fmt.FormatError(f"unknown forward dtype {calib.forward_dtype!r}: choose one of {FORWARD_DTYPES}")
+    run = model_io.load_for_quantization(model_dir, out, overwrite, threads)
+    memory = {**rpt.memory(run.model, cfg, calib), "baseline_rss_mb": run.baseline_mb}  # before weights are dropped
+    cfg = checkpoint.stamped(cfg, "gptq")
+    targets = checkpoint.quantizable_linears(run.model, cfg)  # refuses shapes the format cannot hold
+    try:
+        packed, rows = _gptq(run.model, run.model_dir, run.out, targets, cfg, calib, resume, batch_size,
+                             rpt.progress_bars(progress))
+    except NonFiniteActivations as e:  # a data/model problem, not a crash: one clear message
+        raise fmt.FormatError(str(e)) from e
+    rep = rpt.build("gptq", cfg, dataclasses.asdict(calib), rows, time.perf_counter() - run.t_start, memory)
+    path = checkpoint.write(run.model, packed, cfg, run.out, run.model_dir, overwrite,
+                            {rpt.REPORT_FILE: rpt.to_json(rep)}, dtype=run.src_dtype)
+    WorkState(run.out, {}).remove()
+    return path, rep
+
+
+def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, calib: Calibration,
+          resume: bool, batch_size: int, bars):
+    import transformers
+    from vllm_gptq_plugin.offline_quant import data
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ids = data.calibration_samples(tokenizer, list(calib.sources), calib.nsamples, calib.seqlen, calib.seed)
+    prefix, blocks = model_io.decoder_blocks(model)
+    batches = batch_slices(ids.shape[0], batch_size)
+    fp_targets = bool(cfg.meta.get("fp_targets", False))
+    weights = model_io.BlockWeights(model_dir)
+    work = WorkState(out, run_key(model_dir, cfg, calib, "gptq", batch_size, ids))
+    state = work.load(resume)
+    if state is None:
+        start, packed, rows = 0, {}, []
+        # acts [paths, n, L, D]: inputs in the quantized model, and with fp targets in the fp model too
+        acts, kwargs = capture_block_inputs(model, blocks, ids, batches, paths=2 if fp_targets else 1)
+    else:
+        start, rows = state["done"], state["rows"]
+        packed, acts = work.restore(state)
+        _, kwargs = capture_block_inputs(model, blocks, ids, batches, keep_hidden=False)
+        log.info("resuming from %s: %d of %d blocks already quantized", work.dir, start, len(blocks))
+    block_bar = bars(total=len(blocks), initial=start, desc="blocks", unit="block")
+    groups = None
+    for i in range(start, len(blocks)):
+        block, bprefix = blocks[i], f"{prefix}.{i}."
+        layers = {name[len(bprefix):]: (module, lcfg, name) for name, (module, lcfg) in targets.items()
+                  if name.startswith(bprefix)}
+        block_kw = [kw[i] for kw in kwargs]
+        linears = {full: module for module, _, full in layers.values()}
+        weights.load(linears)
+        if groups is None or set(layers) != {n for g in groups for n in g}:  # else same as the last block
+            with calib.autocast():  # traces of one batch, with the passes' (smaller) temporaries
+                groups = sequential_groups(block, list(layers), acts[0][batches[0]], block_kw[0],
+                                           cfg.true_sequential)
+                passthrough = passthrough_children(block, groups, acts[0][batches[0]], block_kw[0])
+        layer_bar = bars(total=len(layers), desc=f"block {i}", unit="layer", leave=False)
+        block_packed = {}
+        fp_block = copy.deepcopy(block) if fp_targets else None
+        memos = (ChildMemo(block, groups, batches, passthrough=passthrough),
+                 ChildMemo(fp_block, groups, batches, fp=True) if fp_targets else None)
+        for done, members in enumerate(groups):
+            def step(name):
+                layer_bar.set_postfix_str(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
+            p, r = quantize_group(block, members, layers, acts, block_kw, batches, cfg, i, step, calib,
+                                  fp_block, last=members is groups[-1], memos=memos, done=done)
+            layer_bar.update(len(members))
+            block_packed.update(p)
+            rows.extend(r)
+        layer_bar.close()
+        run_block(block, acts[0], block_kw, batches, calib.autocast, memos[0], len(groups))
+        del fp_block, memos
+        weights.drop(linears)
+        packed.update(block_packed)
+        work.save(i + 1, block_packed, acts, rows)
+        block_bar.update(1)
+    block_bar.close()
+    if "lm_head" in targets:
+        packed["lm_head"], row = _lm_head(model, targets["lm_head"], acts[0], batches, cfg)
+        rows.append(row)
+    return packed, rows
+
+
+@torch.no_grad()
+def _lm_head(model, target, inps: torch.Tensor, batches: list[slice], cfg: fmt.QuantConfig):
+    module, lcfg = target
+    if module.weight is model.get_input_embeddings().weight:  # tied: quantize a copy, keep the embedding
+        module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    norm = model_io.final_norm(model)
+    g = GPTQ(module, "lm_head")
+    for sl in batches:
+        g.add_batch(norm(inps[sl]))
+    t0 = time.perf_counter()
+    W, H = module.weight.detach().float().clone(), g.H.clone()
+    result = g.fasterquant(lcfg)
+    module.weight.copy_(result.Q)
+    packed = checkpoint.pack_linear(module, result.q, result.zeros, result.scales, result.g_idx, lcfg,
+                                    cfg.checkpoint_format)
+    row = rpt.row("lm_head", -1, lcfg, result.stats, rpt.output_sqnr_db(W, result.Q, H), time.perf_counter() - t0)
+    g.free()
+    return packed, row

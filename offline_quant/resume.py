@@ -1,0 +1,106 @@
+"""Resume: after each block, the finished blocks' packed tensors, the next block's inputs and the report
+so far go to `<out>.partial/` (each file written to a temporary name and renamed; the state file last).
+Rerunning the same command continues from there and writes a bit-identical model.safetensors;
+different settings refuse to resume."""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from vllm_gptq_plugin import format as fmt
+from vllm_gptq_plugin.offline_quant.calibration import Calibration
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+class WorkState:
+    """Finished blocks' packed tensors, the next block's inputs and the report rows, on disk."""
+
+    def __init__(self, out: Path, key: dict[str, Any]):
+        self.dir = out.with_name(out.name + ".partial")
+        self.key = json.loads(json.dumps(key))  # as state.json will hold it (tuples become lists)
+        self.digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    def _write(self, fname: str, writer: Callable[[Path], None]) -> None:
+        tmp = self.dir / f".{fname}.tmp"
+        try:
+            writer(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.dir / fname)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise fmt.FormatError(f"disk full while saving resume state to {self.dir}: free space "
+                                      "and rerun the same command to continue") from e
+            raise
+
+    def load(self, resume: bool) -> dict[str, Any] | None:
+        """The saved state to continue from, or None (starting afresh, old state removed)."""
+        state_file = self.dir / "state.json"
+        if not state_file.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)  # died before finishing a block: nothing to keep
+            return None
+        state = json.loads(state_file.read_text())
+        if not resume:
+            log.info("discarding the earlier partial run in %s (resume is off)", self.dir)
+            shutil.rmtree(self.dir)
+            return None
+        if state.get("digest") != self.digest:
+            old = state.get("key", {})
+            diff = sorted(k for k in set(old) | set(self.key) if old.get(k) != self.key.get(k))
+            raise fmt.FormatError(f"{self.dir} holds a partial run with different settings ({', '.join(diff)} "
+                                  "differ): rerun with the same arguments to resume it, or pass --no-resume "
+                                  "to discard it and start over")
+        return state
+
+    def restore(self, state: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+        from safetensors.torch import load_file
+        packed: dict[str, dict[str, torch.Tensor]] = {}
+        for i in range(state["done"]):
+            for key, t in load_file(self.dir / f"block-{i:04d}.safetensors").items():
+                name, sfx = key.rsplit(".", 1)
+                packed.setdefault(name, {})[sfx] = t
+        hidden = np.fromfile(self.dir / state["inputs"], dtype=np.float32)
+        return packed, torch.from_numpy(hidden.reshape(state["inputs_shape"]))
+
+    def save(self, done: int, block_packed: dict[str, dict[str, torch.Tensor]], inps: torch.Tensor,
+             rows: list[dict[str, Any]]) -> None:
+        from safetensors.torch import save_file
+        self.dir.mkdir(parents=True, exist_ok=True)
+        flat = {f"{n}.{s}": t.contiguous() for n, ts in block_packed.items() for s, t in ts.items()}
+        self._write(f"block-{done - 1:04d}.safetensors", lambda p: save_file(flat, p))
+        # Raw fp32 bytes, written straight from the buffer: safetensors would first copy it in memory.
+        assert inps.dtype == torch.float32 and inps.is_contiguous()
+        inputs = f"inputs-{done:04d}.f32"
+        self._write(inputs, lambda p: inps.numpy().tofile(p))
+        state = {"version": STATE_VERSION, "digest": self.digest, "key": self.key, "done": done,
+                 "inputs": inputs, "inputs_shape": list(inps.shape), "rows": rows}
+        self._write("state.json", lambda p: p.write_text(json.dumps(state)))  # json keeps inf
+        for old in self.dir.glob("inputs-*"):
+            if old.name != inputs:
+                old.unlink()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_key(model_dir: Path, cfg: fmt.QuantConfig, calib: Calibration, method: str, batch_size: int,
+            ids: torch.Tensor | None) -> dict[str, Any]:
+    """Everything the result depends on; a saved state is resumed only if all of it matches."""
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.glob("*.safetensors"))
+    return {"model": str(model_dir.absolute()), "weights": [list(w) for w in weights],
+            "config": cfg.to_dict(), "method": method, "calibration": dataclasses.asdict(calib),
+            "batch_size": batch_size,
+            "calibration_tokens": None if ids is None else hashlib.sha256(ids.numpy().tobytes()).hexdigest()}
