@@ -27,14 +27,18 @@ def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: QuantCon
              seqlen: int = _calib.DEFAULT_SEQLEN, seed: int = 0, method: str = "gptq",
              resume: bool = True, overwrite: bool = False, batch_size: int = _calib.DEFAULT_BATCH,
              threads: int | None = None, progress: bool = True,
-             forward_dtype: str = _calib.DEFAULT_FORWARD_DTYPE) -> Path:
+             forward_dtype: str = _calib.DEFAULT_FORWARD_DTYPE, device: str = "auto",
+             offload_activations: bool = False) -> Path:
     """Quantize the HF causal LM in `model_dir` into the checkpoint folder `out` and return its path.
 
     calib: calibration text sources ("mix" = Shakespeare + Python docs, "pydocs", "shakespeare",
     "corpus:split", .txt/.jsonl files, HF dataset folders); nsamples windows of seqlen tokens drawn
     with `seed`. method "rtn" needs no calibration. An interrupted run resumes when called again with
     the same arguments (resume=False discards it). forward_dtype: "bf16" (default) or "fp32" calibration
-    forward passes. The per-layer report is `out`/quant_report.json.
+    forward passes. device: "auto" (the GPU when torch sees one), "cuda[:N]" or "cpu": where GPTQ runs
+(RTN runs on the CPU); offload_activations: on a GPU, keep the calibration activations in pinned CPU
+memory. Launched by torchrun, the ranks share the calibration samples (docs/QUANTIZE.md).
+The per-layer report is `out`/quant_report.json.
     """
     if method == "rtn":
         return _rtn.quantize_checkpoint(model_dir, out, cfg or QuantConfig(), overwrite=overwrite,
@@ -42,10 +46,11 @@ def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: QuantCon
     if method != "gptq":
         raise FormatError(f"unknown method {method!r}: choose 'gptq' or 'rtn'")
     sources = (calib,) if isinstance(calib, (str, os.PathLike)) else tuple(calib)
-    calibration = _calib.Calibration(tuple(str(s) for s in sources), nsamples, seqlen, seed, forward_dtype)
+    calibration = _calib.Calibration(tuple(str(s) for s in sources), nsamples, seqlen, seed, forward_dtype,
+                                     str(device))
     path, _ = _driver.quantize_model(model_dir, out, cfg or QuantConfig(), calibration, resume=resume,
                                      overwrite=overwrite, batch_size=batch_size, threads=threads,
-                                     progress=progress)
+                                     progress=progress, offload_activations=offload_activations)
     return path
 
 

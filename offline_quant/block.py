@@ -12,6 +12,7 @@ import torch
 from vllm_gptq_plugin import format as fmt
 from vllm_gptq_plugin.offline_quant import checkpoint, report as rpt
 from vllm_gptq_plugin.offline_quant.calibration import Calibration
+from vllm_gptq_plugin.offline_quant.devices import Placement
 from vllm_gptq_plugin.offline_quant.gptq import GPTQ
 from vllm_gptq_plugin.offline_quant.memo import ChildMemo, use_memo
 from vllm_gptq_plugin.offline_quant.tracing import block_output, inputs_of
@@ -22,7 +23,7 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
                    acts: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice],
                    cfg: fmt.QuantConfig, block_index: int, progress: Callable[[str], None], calib: Calibration,
                    fp_block=None, last: bool = False, memos: tuple[ChildMemo, ChildMemo | None] | None = None,
-                   done: int = 0):
+                   done: int = 0, place: Placement = Placement()):
     """Hessians of `members` from the block's forward over the calibration set, then GPTQ each.
 
     acts[0] holds the block's inputs in the quantized model; with fp targets (fp_block: the block's
@@ -30,7 +31,8 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
     block's `last` group also advances acts[1] to the fp block's outputs.
     Members reading the same input share one Hessian (accumulated once, copied). The forwards stop
     before the last member runs: nothing after it is needed. memos: the quantized and fp blocks'
-    ChildMemos; done: how many of the block's groups are quantized already.
+    ChildMemos; done: how many of the block's groups are quantized already; place: where the block
+    runs and the activations live.
     """
     gptq = {m: GPTQ(layers[m][0], layers[m][2]) for m in members}
     alias: dict[str, str] = {}
@@ -40,20 +42,20 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
     for b, sl in enumerate(batches):
         limit = acts[0][sl].numel() * acts.element_size()
         with use_memo(qmemo, b, done, members, limit):
-            xs = inputs_of(block, members, acts[0][sl], kwargs[b], calib.autocast)
+            xs = inputs_of(block, members, place.fetch(acts[0][sl]), kwargs[b], calib.autocast)
         targets = {}
         if fp_block is not None:
             # The fp block never changes: where a later pass can reuse the output of the child holding
             # the last member, this pass runs on to that child's end to record it (stop_after); the
             # last pass runs to the end and moves the fp path on to the next block's inputs.
             with use_memo(fpmemo, b, done, members, 0 if last else limit):
-                targets = inputs_of(fp_block, members, acts[1][sl], kwargs[b], calib.autocast,
-                                     out=acts[1][sl] if last else None,
-                                     stop_after=fpmemo.stop_after(members, done) if fpmemo else None)
+                targets = inputs_of(fp_block, members, place.fetch(acts[1][sl]), kwargs[b], calib.autocast,
+                                    out=acts[1][sl] if last else None,
+                                    stop_after=fpmemo.stop_after(members, done) if fpmemo else None)
             assert set(targets) == set(members), f"the fp block's pass missed {set(members) - set(targets)}"
         for m in computable:
             if m not in kept:
-                kept[m] = xs[m].new_empty((acts.shape[1],) + xs[m].shape[1:])
+                kept[m] = place.buffer((acts.shape[1],) + xs[m].shape[1:], xs[m].dtype)
             kept[m][sl] = xs[m]
         with calib.hessian_gemms():
             for i, m in enumerate(members):
@@ -72,16 +74,18 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
         module, lcfg, full = layers[m]
         progress(full)
         t0 = time.perf_counter()
-        H = gptq[m].H.clone()  # fasterquant damps H in place; SQNR needs the raw one
+        # fasterquant sets dead columns' diagonal to 1 in H; SQNR needs the raw H (a vector kept, not a copy)
+        diag = gptq[m].H.diagonal().clone()
         result = gptq[m].fasterquant(lcfg)
+        H = gptq[m].H
+        H.diagonal().copy_(diag)
         # SQNR against what the solve quantized: the fp-target weights W' when there are some
         W = gptq[m].target if gptq[m].target is not None else module.weight.detach().float().clone()
         module.weight.copy_(result.Q.to(module.weight.dtype))
-        packed[full] = checkpoint.pack_linear(module, result.q, result.zeros, result.scales, result.g_idx, lcfg,
-                                               cfg.checkpoint_format)
+        packed[full] = checkpoint.pack_linear(module, result.q, result.zeros, result.scales, result.g_idx,
+                                              lcfg, cfg.checkpoint_format)
         seconds = time.perf_counter() - t0
-        rows.append(rpt.row(full, block_index, lcfg, result.stats,
-                               rpt.output_sqnr_db(W, result.Q, H), seconds))
+        rows.append(rpt.row(full, block_index, lcfg, result.stats, rpt.output_sqnr_db(W, result.Q, H), seconds))
         gptq[m].free()
         del W, H, result
         if m in kept:  # the child's output in every later pass
@@ -91,8 +95,8 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
 
 @torch.no_grad()
 def run_block(block, inps: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice], autocast,
-              memo: ChildMemo | None = None, done: int = 0) -> None:
+              memo: ChildMemo | None = None, done: int = 0, place: Placement = Placement()) -> None:
     """inps <- block(inps), batch by batch in place: only one activation buffer is ever live."""
     for b, sl in enumerate(batches):
         with use_memo(memo, b, done, (), 0), autocast():
-            inps[sl] = block_output(block(inps[sl], **kwargs[b]))
+            inps[sl] = block_output(block(place.fetch(inps[sl]), **kwargs[b]))

@@ -1,5 +1,5 @@
-"""How the calibration passes run: which samples (sources, count, length, seed) and in which dtype,
-with the contexts the block forwards and the Hessian GEMMs run in."""
+"""How the calibration passes run: which samples (sources, count, length, seed), in which dtype and on
+which device, with the contexts the block forwards and the Hessian GEMMs run in."""
 from __future__ import annotations
 
 import contextlib
@@ -24,23 +24,33 @@ class Calibration:
     seqlen: int = DEFAULT_SEQLEN
     seed: int = 0
     forward_dtype: str = DEFAULT_FORWARD_DTYPE
+    device: str = "cpu"  # where the blocks run: "cpu" or "cuda[:N]" (devices.resolve makes it from "auto")
 
     def autocast(self):
         """The context the decoder blocks run in: bf16 matmuls (H still accumulates in fp32)."""
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.forward_dtype == "bf16")
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
+                              enabled=self.forward_dtype == "bf16")
 
     @contextlib.contextmanager
     def hessian_gemms(self):
-        """The context H and C accumulate in: with bf16 forwards, fp32 GEMMs may read their inputs as
-        bf16 (oneDNN's fpmath mode; the Linears see bf16 inputs anyway) but sum and write fp32. On
-        AVX512 CPUs this also takes oneDNN's AVX512 kernels where MKL runs AVX2 ones (AMD): 2x here."""
-        onednn = torch.backends.mkldnn
-        if self.forward_dtype != "bf16" or not onednn.is_available():
+        """The context H and C accumulate in: with bf16 forwards, fp32 GEMMs may round their inputs
+        (the Linears see bf16 inputs anyway) but sum and write fp32.
+        CPU: oneDNN's bf16 fpmath mode; on AVX512 CPUs this also takes oneDNN's AVX512 kernels where
+        MKL runs AVX2 ones (AMD): 2x here. CUDA: TF32 tensor cores (10-bit mantissa products, fp32
+        sums), ~8x the plain fp32 rate of an H100/H200."""
+        if torch.device(self.device).type == "cuda":
+            backend, fast = torch.backends.cuda.matmul, "tf32"
+        else:
+            backend, fast = torch.backends.mkldnn.matmul, "bf16"
+            if not torch.backends.mkldnn.is_available():
+                backend = None
+        if self.forward_dtype != "bf16" or backend is None:
             yield
             return
-        old = onednn.matmul.fp32_precision
-        onednn.matmul.fp32_precision = "bf16"
+        # fp32_precision only: mixing it with the legacy allow_tf32 flag is an error in torch >= 2.9
+        old = backend.fp32_precision
+        backend.fp32_precision = fast
         try:
             yield
         finally:
-            onednn.matmul.fp32_precision = old
+            backend.fp32_precision = old

@@ -37,11 +37,12 @@ def stamped(cfg: fmt.QuantConfig, method: str) -> fmt.QuantConfig:
 
 def pack_linear(module: torch.nn.Linear, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                 g_idx: torch.Tensor, lcfg: fmt.QuantConfig, checkpoint_format: str) -> dict[str, torch.Tensor]:
-    """One quantized Linear's tensors in the checkpoint (format.pack_layer), its bias in fp16."""
+    """One quantized Linear's tensors in the checkpoint (format.pack_layer), its bias in fp16; packed
+    where the inputs are, returned in CPU memory (where checkpoints are written from)."""
     packed = fmt.pack_layer(q, zeros, scales, g_idx, lcfg.bits, checkpoint_format)
     if module.bias is not None:
         packed["bias"] = module.bias.detach().to(torch.float16)
-    return packed
+    return {k: t.cpu() for k, t in packed.items()}
 
 
 def checkpoint_tensors(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]],

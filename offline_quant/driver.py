@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from vllm_gptq_plugin import format as fmt
-from vllm_gptq_plugin.offline_quant import checkpoint, model_io, report as rpt
+from vllm_gptq_plugin.offline_quant import checkpoint, devices, model_io, report as rpt
 from vllm_gptq_plugin.offline_quant.block import quantize_group, run_block
 from vllm_gptq_plugin.offline_quant.calibration import DEFAULT_BATCH, FORWARD_DTYPES, Calibration
 from vllm_gptq_plugin.offline_quant.gptq import GPTQ, NonFiniteActivations
@@ -50,21 +50,30 @@ log = logging.getLogger(__name__)
 
 def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fmt.QuantConfig,
                    calib: Calibration = Calibration(), resume: bool = True, overwrite: bool = False,
-                   batch_size: int = DEFAULT_BATCH, threads: int | None = None,
-                   progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """GPTQ-quantize the HF causal LM at `model_dir` into checkpoint `out`; returns (path, report)."""
+                   batch_size: int = DEFAULT_BATCH, threads: int | None = None, progress: bool = True,
+                   offload_activations: bool = False) -> tuple[Path, dict[str, Any]]:
+    """GPTQ-quantize the HF causal LM at `model_dir` into checkpoint `out`; returns (path, report).
+
+    calib.device: "cpu", "cuda[:N]" or "auto" (the GPU when torch sees one); offload_activations:
+    keep the calibration activations in pinned CPU memory instead of on the GPU.
+    """
     if calib.forward_dtype not in FORWARD_DTYPES:
         raise fmt.FormatError(f"unknown forward dtype {calib.forward_dtype!r}: choose one of {FORWARD_DTYPES}")
+    calib = dataclasses.replace(calib, device=str(devices.resolve(calib.device)))
+    place = devices.Placement(torch.device(calib.device), offload_activations)
+    devices.reset_peak_memory(place.compute)
     run = model_io.load_for_quantization(model_dir, out, overwrite, threads)
-    memory = {**rpt.memory(run.model, cfg, calib), "baseline_rss_mb": run.baseline_mb}  # before weights are dropped
+    memory = {**rpt.memory(run.model, cfg, calib, model_io.decoder_blocks(run.model)[1][0], place.offload),
+              "baseline_rss_mb": run.baseline_mb}  # before weights are dropped
     cfg = checkpoint.stamped(cfg, "gptq")
     targets = checkpoint.quantizable_linears(run.model, cfg)  # refuses shapes the format cannot hold
     try:
         packed, rows = _gptq(run.model, run.model_dir, run.out, targets, cfg, calib, resume, batch_size,
-                             rpt.progress_bars(progress))
+                             rpt.progress_bars(progress), place)
     except NonFiniteActivations as e:  # a data/model problem, not a crash: one clear message
         raise fmt.FormatError(str(e)) from e
-    rep = rpt.build("gptq", cfg, dataclasses.asdict(calib), rows, time.perf_counter() - run.t_start, memory)
+    rep = rpt.build("gptq", cfg, dataclasses.asdict(calib), rows, time.perf_counter() - run.t_start, memory,
+                    peak_gpu_mb=devices.peak_memory_mb(place.compute))
     path = checkpoint.write(run.model, packed, cfg, run.out, run.model_dir, overwrite,
                             {rpt.REPORT_FILE: rpt.to_json(rep)}, dtype=run.src_dtype)
     WorkState(run.out, {}).remove()
@@ -72,7 +81,7 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
 
 
 def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, calib: Calibration,
-          resume: bool, batch_size: int, bars):
+          resume: bool, batch_size: int, bars, place: devices.Placement):
     import transformers
     from vllm_gptq_plugin.offline_quant import data
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -86,10 +95,12 @@ def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, cali
     if state is None:
         start, packed, rows = 0, {}, []
         # acts [paths, n, L, D]: inputs in the quantized model, and with fp targets in the fp model too
-        acts, kwargs = capture_block_inputs(model, blocks, ids, batches, paths=2 if fp_targets else 1)
+        acts, kwargs = capture_block_inputs(model, blocks, ids, batches, paths=2 if fp_targets else 1,
+                                            alloc=place.buffer)
     else:
         start, rows = state["done"], state["rows"]
         packed, acts = work.restore(state)
+        acts = place.adopt(acts)
         _, kwargs = capture_block_inputs(model, blocks, ids, batches, keep_hidden=False)
         log.info("resuming from %s: %d of %d blocks already quantized", work.dir, start, len(blocks))
     block_bar = bars(total=len(blocks), initial=start, desc="blocks", unit="block")
@@ -98,57 +109,66 @@ def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, cali
         block, bprefix = blocks[i], f"{prefix}.{i}."
         layers = {name[len(bprefix):]: (module, lcfg, name) for name, (module, lcfg) in targets.items()
                   if name.startswith(bprefix)}
-        block_kw = [kw[i] for kw in kwargs]
+        block_kw = [devices.to_device(kw[i], place.compute) for kw in kwargs]
         linears = {full: module for module, _, full in layers.values()}
-        weights.load(linears)
+        weights.load(linears, place.compute)
+        block.to(place.compute)  # the rest of it: norms, biases, Linears left fp
         if groups is None or set(layers) != {n for g in groups for n in g}:  # else same as the last block
+            x = place.fetch(acts[0][batches[0]])
             with calib.autocast():  # traces of one batch, with the passes' (smaller) temporaries
-                groups = sequential_groups(block, list(layers), acts[0][batches[0]], block_kw[0],
-                                           cfg.true_sequential)
-                passthrough = passthrough_children(block, groups, acts[0][batches[0]], block_kw[0])
+                groups = sequential_groups(block, list(layers), x, block_kw[0], cfg.true_sequential)
+                passthrough = passthrough_children(block, groups, x, block_kw[0])
+            del x
         layer_bar = bars(total=len(layers), desc=f"block {i}", unit="layer", leave=False)
         block_packed = {}
         fp_block = copy.deepcopy(block) if fp_targets else None
-        memos = (ChildMemo(block, groups, batches, passthrough=passthrough),
-                 ChildMemo(fp_block, groups, batches, fp=True) if fp_targets else None)
+        memos = (ChildMemo(block, groups, batches, passthrough=passthrough, place=place),
+                 ChildMemo(fp_block, groups, batches, fp=True, place=place) if fp_targets else None)
         for done, members in enumerate(groups):
             def step(name):
                 layer_bar.set_postfix_str(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
             p, r = quantize_group(block, members, layers, acts, block_kw, batches, cfg, i, step, calib,
-                                  fp_block, last=members is groups[-1], memos=memos, done=done)
+                                  fp_block, last=members is groups[-1], memos=memos, done=done, place=place)
             layer_bar.update(len(members))
             block_packed.update(p)
             rows.extend(r)
         layer_bar.close()
-        run_block(block, acts[0], block_kw, batches, calib.autocast, memos[0], len(groups))
-        del fp_block, memos
+        run_block(block, acts[0], block_kw, batches, calib.autocast, memos[0], len(groups), place)
+        del fp_block, memos, block_kw
         weights.drop(linears)
+        block.to("cpu")
         packed.update(block_packed)
         work.save(i + 1, block_packed, acts, rows)
         block_bar.update(1)
     block_bar.close()
     if "lm_head" in targets:
-        packed["lm_head"], row = _lm_head(model, targets["lm_head"], acts[0], batches, cfg)
+        packed["lm_head"], row = _lm_head(model, targets["lm_head"], acts[0], batches, cfg, place)
         rows.append(row)
     return packed, rows
 
 
 @torch.no_grad()
-def _lm_head(model, target, inps: torch.Tensor, batches: list[slice], cfg: fmt.QuantConfig):
+def _lm_head(model, target, inps: torch.Tensor, batches: list[slice], cfg: fmt.QuantConfig,
+             place: devices.Placement):
     module, lcfg = target
     if module.weight is model.get_input_embeddings().weight:  # tied: quantize a copy, keep the embedding
         module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
         model.config.tie_word_embeddings = False
     norm = model_io.final_norm(model)
+    norm.to(place.compute)
+    module.to(place.compute)
     g = GPTQ(module, "lm_head")
     for sl in batches:
-        g.add_batch(norm(inps[sl]))
+        g.add_batch(norm(place.fetch(inps[sl])))
     t0 = time.perf_counter()
-    W, H = module.weight.detach().float().clone(), g.H.clone()
-    result = g.fasterquant(lcfg)
+    diag = g.H.diagonal().clone()  # fasterquant sets dead columns' diagonal to 1 in H; SQNR needs the raw H
+    W, result = module.weight.detach().float().clone(), g.fasterquant(lcfg)
+    g.H.diagonal().copy_(diag)
     module.weight.copy_(result.Q)
     packed = checkpoint.pack_linear(module, result.q, result.zeros, result.scales, result.g_idx, lcfg,
                                     cfg.checkpoint_format)
-    row = rpt.row("lm_head", -1, lcfg, result.stats, rpt.output_sqnr_db(W, result.Q, H), time.perf_counter() - t0)
+    row = rpt.row("lm_head", -1, lcfg, result.stats, rpt.output_sqnr_db(W, result.Q, g.H), time.perf_counter() - t0)
     g.free()
+    norm.to("cpu")
+    module.to("cpu")
     return packed, row

@@ -263,10 +263,11 @@ class GPTQ:
         H.diagonal().add_(percdamp * float(H.diagonal().mean()) + 1e-12)
         with _threads(threads):
             L, info = torch.linalg.cholesky_ex(H)
+            del H  # K x K matrices are what a GPU's memory holds least of: at most four at a time here
             if int(info) != 0:
                 log.info("GPTQ: fp-target correction skipped for %s (H not positive definite)", self.name)
                 return W
-            delta = torch.cholesky_solve(((self.C - self.H).t() @ W.t()), L).t()
+            delta = torch.cholesky_solve((self.C.sub_(self.H).t() @ W.t()), L).t()  # C - H, in C's memory
         self.C = None
         return W + delta
 

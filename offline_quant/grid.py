@@ -34,7 +34,8 @@ def find_params(W: torch.Tensor, bits: int, sym: bool, zero_min: int = 0, *, mse
     xmax = torch.where(dead, 1.0, xmax)
     scale, zero = _range_to_grid(xmin, xmax, maxq, sym, zero_min)
     if mse:  # all shrink factors at once: [S, rows] candidates, one pass over W per op
-        p = torch.tensor([1 - i / grid for i in range(int(round(maxshrink * grid)) + 1)], dtype=W.dtype)[:, None]
+        p = torch.tensor([1 - i / grid for i in range(int(round(maxshrink * grid)) + 1)], dtype=W.dtype,
+                         device=W.device)[:, None]
         scales, zeros = _range_to_grid(p * xmin, p * xmax, maxq, sym, zero_min)
         rows = max(1, MSE_CHUNK // (p.numel() * W.shape[1]))  # bounded memory for long rows (lm_head)
         err = torch.cat([_clip_error(W[r:r + rows], scales[:, r:r + rows], zeros[:, r:r + rows], maxq, norm)
@@ -75,7 +76,7 @@ def _clip_error(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: 
 def fp16_ceil(scale: torch.Tensor) -> torch.Tensor:
     """Scales are stored as fp16: round up to an fp16 value so the stored grid still spans the range."""
     s16 = scale.clamp(min=torch.finfo(torch.float16).tiny).to(torch.float16)
-    up = torch.nextafter(s16, torch.tensor(torch.inf, dtype=torch.float16))
+    up = torch.nextafter(s16, torch.full_like(s16, torch.inf))
     return torch.where(s16.float() < scale, up, s16).float()
 
 

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from vllm_gptq_plugin.offline_quant.devices import Placement
+
 
 class ChildMemo:
     """A block's children's outputs per batch, reused by the block's later passes.
@@ -23,12 +25,15 @@ class ChildMemo:
     memo after the block (one allocation, not one per batch: per-batch tensors fragmented the heap
     and held ~300 MB more RSS). Only outputs that are a tensor, or a tuple of one tensor and Nones,
     at most limit_bytes per batch, are kept; a child called twice in one forward is left out.
+    The buffers live where `place` keeps activations (the device, or pinned CPU memory).
     """
 
     def __init__(self, block: torch.nn.Module, groups: list[list[str]], batches: list[slice],
-                 fp: bool = False, passthrough: dict[str, tuple[str, int | None]] | None = None):
+                 fp: bool = False, passthrough: dict[str, tuple[str, int | None]] | None = None,
+                 place: Placement = Placement()):
         self.children = dict(block.named_children())
         self.batches = batches
+        self.place = place
         self.passthrough = passthrough or {}
         self.last_held: dict[str, int] = {}  # child -> the last group with a member in it
         for gi, group in enumerate(groups):
@@ -57,7 +62,7 @@ class ChildMemo:
         n = self.passthrough[child][1]
         for b, sl in enumerate(self.batches):
             with autocast():
-                y = linear(inputs[sl])
+                y = linear(self.place.fetch(inputs[sl]))
             if b == 0 and y.shape[1:] == inputs.shape[1:] and y.dtype == inputs.dtype:
                 self.buffers[child] = inputs  # each batch's slot is read before it is overwritten
             if not self._put(child, b, y, n, math.inf):
@@ -84,7 +89,7 @@ class ChildMemo:
                 or self.arity.get(child, n) != n):
             return False
         if buf is None:
-            buf = self.buffers[child] = head.new_empty((self.batches[-1].stop,) + head.shape[1:])
+            buf = self.buffers[child] = self.place.buffer((self.batches[-1].stop,) + head.shape[1:], head.dtype)
         elif buf.shape[1:] != head.shape[1:] or buf.dtype != head.dtype:
             return False
         buf[sl] = head
@@ -93,7 +98,7 @@ class ChildMemo:
         return True
 
     def _load(self, child: str, b: int):
-        y = self.buffers[child][self.batches[b]].clone()  # a copy: callers may modify it in place
+        y = self.place.fetch_copy(self.buffers[child][self.batches[b]])  # a copy: callers may modify it in place
         n = self.arity[child]
         return y if n is None else (y,) + (None,) * (n - 1)
 

@@ -101,6 +101,7 @@ class BlockWeights:
     Reading a block's weights with a short-lived safe_open (its mapping closed right after) and
     dropping them once the block is done keeps one block's weights live at a time. A weight not
     found under its own name in the files is copied from the model instead (no saving, same result).
+    On a GPU the weights are read straight to the device and widened to fp32 there.
     """
 
     def __init__(self, model_dir: Path):
@@ -114,16 +115,16 @@ class BlockWeights:
                 with safe_open(f, "pt") as fh:
                     self.where.update(dict.fromkeys(fh.keys(), f))
 
-    def load(self, linears: dict[str, torch.nn.Linear]) -> None:
+    def load(self, linears: dict[str, torch.nn.Linear], device: torch.device = torch.device("cpu")) -> None:
         from safetensors import safe_open
         for name, module in linears.items():
             w, f = module.weight, self.where.get(f"{name}.weight")
             t = None
             if f is not None:
-                with safe_open(f, "pt") as fh:
+                with safe_open(f, "pt", device=str(device)) as fh:
                     t = fh.get_tensor(f"{name}.weight").to(w.dtype)
             if t is None or t.shape != w.shape:
-                t = w.detach().clone()
+                t = w.detach().to(device, copy=True)
             module.weight = torch.nn.Parameter(t, requires_grad=False)
 
     @staticmethod

@@ -9,7 +9,7 @@ import argparse
 from typing import Any
 
 from vllm_gptq_plugin import format as fmt
-from vllm_gptq_plugin.offline_quant import driver, report as rpt, rtn
+from vllm_gptq_plugin.offline_quant import devices, driver, report as rpt, rtn
 from vllm_gptq_plugin.offline_quant.calibration import (DEFAULT_BATCH, DEFAULT_CALIB, DEFAULT_FORWARD_DTYPE,
                                                         DEFAULT_NSAMPLES, DEFAULT_SEQLEN, FORWARD_DTYPES,
                                                         Calibration)
@@ -77,6 +77,11 @@ def add_arguments(p) -> None:
     p.add_argument("--forward-dtype", choices=FORWARD_DTYPES, default=DEFAULT_FORWARD_DTYPE,
                    help="dtype of the calibration forward passes (bf16: ~2-4x faster on CPU)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="calibration samples per forward")
+    p.add_argument("--device", choices=devices.DEVICES, default="auto",
+                   help="where GPTQ runs: auto (the GPU when torch sees one), cuda or cpu; under torchrun "
+                        "each rank takes its node's GPU LOCAL_RANK")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="on a GPU, keep the calibration activations in pinned CPU memory (when they do not fit)")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue an interrupted run of the same command (the default)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="discard an interrupted run")
@@ -98,14 +103,15 @@ def config_from_args(args) -> fmt.QuantConfig:
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    calib = Calibration(tuple(args.calib), args.nsamples, args.seqlen, args.seed, args.forward_dtype)
+    calib = Calibration(tuple(args.calib), args.nsamples, args.seqlen, args.seed, args.forward_dtype, args.device)
     if args.method == "rtn":
         path, rep = rtn.quantize_checkpoint(args.model, args.out, cfg, overwrite=args.overwrite,
                                             threads=args.threads, progress=args.progress)
     else:
         path, rep = driver.quantize_model(args.model, args.out, cfg, calib, resume=args.resume,
                                           overwrite=args.overwrite, batch_size=args.batch_size,
-                                          threads=args.threads, progress=args.progress)
+                                          threads=args.threads, progress=args.progress,
+                                          offload_activations=args.offload_activations)
     print(rpt.table(rep["layers"]))
     print(rpt.summary(rep))
     print(f"checkpoint written to {path} (report: {path / rpt.REPORT_FILE})")

@@ -15,6 +15,8 @@ REPORT_FILE = "quant_report.json"
 SENSITIVE_SQNR_DB = 15.0  # below this a layer's output error is ~3% of its signal: worth 8 bits
 TOP_SENSITIVE = 5
 ILL_CONDITIONED = 1e7  # cond(H + damp) beyond this: fp32 solves lose most digits
+GPU_SLACK_MB = 2048  # issue 16's allowance above a block's weights and the activations
+SQNR_CHUNK = 1 << 24  # fp64 elements of H converted at once by output_sqnr_db (128 MiB)
 
 
 def output_sqnr_db(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor | None) -> float:
@@ -26,9 +28,13 @@ def output_sqnr_db(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor | None) -> 
     E = W - Q
     if H is None:
         signal, noise = (W * W).sum(), (E * E).sum()
-    else:
-        H = H.double()
-        signal, noise = ((W @ H) * W).sum(), ((E @ H) * E).sum()
+    else:  # H in fp64 a slice of columns at a time: a whole copy would be 2x H's memory on a GPU
+        cols = max(1, SQNR_CHUNK // H.shape[0])
+        signal = noise = 0.0
+        for c in range(0, H.shape[1], cols):
+            Hc = H[:, c:c + cols].double()
+            signal = signal + ((W @ Hc) * W[:, c:c + cols]).sum()
+            noise = noise + ((E @ Hc) * E[:, c:c + cols]).sum()
     if noise <= 0:
         return math.inf
     return float(10 * math.log10(max(float(signal), 1e-300) / float(noise)))
@@ -80,24 +86,32 @@ def row(name: str, block: int, lcfg, stats: dict[str, Any], sqnr: float, seconds
             "hints": hints(stats), "loss": stats.get("loss"), "sqnr_db": sqnr, "seconds": seconds}
 
 
-def memory(model: torch.nn.Module, cfg, calib) -> dict[str, float]:
-    """What a run's peak RSS is measured against: 1.5 x the fp model + the calibration activations
-    (calib: offline_quant.calibration.Calibration, None for RTN, which keeps none)."""
+def memory(model: torch.nn.Module, cfg, calib, block: torch.nn.Module | None = None,
+           offload: bool = False) -> dict[str, float]:
+    """What a run's peak memory is measured against. RSS: 1.5 x the fp model + the calibration
+    activations (calib: offline_quant.calibration.Calibration, None for RTN, which keeps none).
+    On a GPU (calib.device cuda): one decoder block's weights in fp32 + the activation buffers
+    (unless offloaded to CPU memory) + GPU_SLACK_MB for Hessians, the solve and a batch's temporaries."""
     unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied lm_head counted once
     model_mb = sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
     paths = 2 if cfg.meta.get("fp_targets") else 1  # the quantized model's path (and the fp model's)
     # per path: the block inputs in fp32, and ChildMemo's attention outputs in the forward dtype
     per_token = 4 + (2 if calib is not None and calib.forward_dtype == "bf16" else 4)
     act_mb = 0.0 if calib is None else paths * calib.nsamples * calib.seqlen * model.config.hidden_size * per_token / 2**20
-    return {"model_mb": model_mb, "activations_mb": act_mb, "bound_mb": 1.5 * model_mb + act_mb}
+    out = {"model_mb": model_mb, "activations_mb": act_mb, "bound_mb": 1.5 * model_mb + act_mb}
+    if calib is not None and torch.device(calib.device).type == "cuda" and block is not None:
+        out["block_mb"] = sum(p.numel() * 4 for p in block.parameters()) / 2**20
+        out["gpu_bound_mb"] = out["block_mb"] + (0.0 if offload else act_mb) + GPU_SLACK_MB
+    return out
 
 
 def build(method: str, cfg, calibration: dict[str, Any] | None, rows: list[dict[str, Any]],
-          wall_seconds: float, memory: dict[str, float]) -> dict[str, Any]:
-    """The report of a finished run (cfg: the checkpoint's format.QuantConfig)."""
+          wall_seconds: float, memory: dict[str, float], peak_gpu_mb: float | None = None) -> dict[str, Any]:
+    """The report of a finished run (cfg: the checkpoint's format.QuantConfig). peak_gpu_mb:
+    torch.cuda.max_memory_allocated of a run on a GPU, None on the CPU."""
     return {"method": method, "config": cfg.to_dict(), "calibration": calibration,
             "threads": torch.get_num_threads(), "wall_seconds": wall_seconds, "peak_rss_mb": peak_rss_mb(),
-            "memory": memory, "layers": rows, "sensitivity": sensitivity(rows)}
+            "peak_gpu_mb": peak_gpu_mb, "memory": memory, "layers": rows, "sensitivity": sensitivity(rows)}
 
 
 def progress_bars(enabled: bool):
@@ -156,6 +170,10 @@ def summary(report: dict[str, Any]) -> str:
              f"the {mem['baseline_rss_mb']:.0f} MiB the process held before loading the model (bound 1.5x fp "
              f"model {mem['model_mb']:.0f} MiB + calibration activations {mem['activations_mb']:.0f} MiB = "
              f"{mem['bound_mb']:.0f} MiB)"]
+    if report.get("peak_gpu_mb") is not None:
+        lines.append(f"peak GPU memory {report['peak_gpu_mb']:.0f} MiB (bound: one block in fp32 "
+                     f"{mem['block_mb']:.0f} MiB + activations on the GPU + {GPU_SLACK_MB} MiB = "
+                     f"{mem['gpu_bound_mb']:.0f} MiB)")
     if finite:
         lines.append(f"output SQNR: min {min(finite):.1f} dB, mean {sum(finite) / len(finite):.1f} dB")
     escalated = [r["name"] for r in rows if r.get("escalations")]

@@ -21,7 +21,7 @@ from vllm_gptq_plugin import format as fmt
 from vllm_gptq_plugin.offline_quant.calibration import Calibration
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class WorkState:
@@ -57,6 +57,9 @@ class WorkState:
             log.info("discarding the earlier partial run in %s (resume is off)", self.dir)
             shutil.rmtree(self.dir)
             return None
+        if state.get("version") != STATE_VERSION:
+            raise fmt.FormatError(f"{self.dir} holds a partial run of an older version of this quantizer: "
+                                  "pass --no-resume to discard it and start over")
         if state.get("digest") != self.digest:
             old = state.get("key", {})
             diff = sorted(k for k in set(old) | set(self.key) if old.get(k) != self.key.get(k))
@@ -84,7 +87,7 @@ class WorkState:
         # Raw fp32 bytes, written straight from the buffer: safetensors would first copy it in memory.
         assert inps.dtype == torch.float32 and inps.is_contiguous()
         inputs = f"inputs-{done:04d}.f32"
-        self._write(inputs, lambda p: inps.numpy().tofile(p))
+        self._write(inputs, lambda p: _tofile(inps, p))
         state = {"version": STATE_VERSION, "digest": self.digest, "key": self.key, "done": done,
                  "inputs": inputs, "inputs_shape": list(inps.shape), "rows": rows}
         self._write("state.json", lambda p: p.write_text(json.dumps(state)))  # json keeps inf
@@ -96,11 +99,30 @@ class WorkState:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _tofile(t: torch.Tensor, path: Path) -> None:
+    """t's raw bytes: from its own memory on the CPU, through the CPU in 256 MiB pieces from a GPU."""
+    if t.device.type == "cpu":
+        t.numpy().tofile(path)
+        return
+    with open(path, "wb") as fh:
+        write_pieces(t, fh, (256 << 20) // t.element_size())
+
+
+def write_pieces(t: torch.Tensor, fh, step: int) -> None:
+    """t's raw bytes (t contiguous, any device) written `step` elements at a time via CPU memory."""
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), step):
+        flat[i:i + step].cpu().numpy().tofile(fh)
+
+
 def run_key(model_dir: Path, cfg: fmt.QuantConfig, calib: Calibration, method: str, batch_size: int,
             ids: torch.Tensor | None) -> dict[str, Any]:
-    """Everything the result depends on; a saved state is resumed only if all of it matches."""
+    """Everything the result depends on; a saved state is resumed only if all of it matches. The
+    device counts by its kind: a CPU and a GPU round differently."""
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.glob("*.safetensors"))
+    calibration = dataclasses.asdict(calib)
+    device = torch.device(calibration.pop("device")).type
     return {"model": str(model_dir.absolute()), "weights": [list(w) for w in weights],
-            "config": cfg.to_dict(), "method": method, "calibration": dataclasses.asdict(calib),
+            "config": cfg.to_dict(), "method": method, "calibration": calibration, "device": device,
             "batch_size": batch_size,
             "calibration_tokens": None if ids is None else hashlib.sha256(ids.numpy().tobytes()).hexdigest()}

@@ -18,7 +18,7 @@ def quantize_weight(W: torch.Tensor, cfg: fmt.QuantConfig):
     group_size = k if cfg.group_size == -1 else cfg.group_size
     assert k % group_size == 0, f"group_size {group_size} must divide in_features {k}"
     zero_min = 1 if (cfg.checkpoint_format == "gptq" and not cfg.sym) else 0
-    q = torch.empty(n, k, dtype=torch.int32)
+    q = torch.empty(n, k, dtype=torch.int32, device=W.device)
     scales, zeros = [], []
     for g0 in range(0, k, group_size):
         Wg = W[:, g0:g0 + group_size].float()
@@ -26,7 +26,7 @@ def quantize_weight(W: torch.Tensor, cfg: fmt.QuantConfig):
         q[:, g0:g0 + group_size] = grid.quantize(Wg, scale, zero, cfg.bits)
         scales.append(scale)
         zeros.append(zero)
-    g_idx = fmt.default_g_idx(k, cfg.group_size)
+    g_idx = torch.arange(k, dtype=torch.int32, device=W.device) // group_size  # format.default_g_idx, on W's device
     return q, torch.stack(zeros).to(torch.int32), torch.stack(scales), g_idx
 
 

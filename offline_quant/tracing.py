@@ -4,7 +4,7 @@ whose output is one Linear's output (passthrough_children), and what given Linea
 batch (inputs_of)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -21,9 +21,11 @@ def batch_slices(n: int, batch_size: int) -> list[slice]:
 
 @torch.no_grad()
 def capture_block_inputs(model, blocks: torch.nn.ModuleList, ids: torch.Tensor, batches: list[slice],
-                         keep_hidden: bool = True, paths: int = 1):
+                         keep_hidden: bool = True, paths: int = 1,
+                         alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None):
     """(hidden states entering block 0 [paths, n, L, D] (each path a copy) or None, kwargs[batch][block]).
 
+    alloc(shape, dtype): where the hidden states go (devices.Placement.buffer; default CPU memory).
     Each block's forward is replaced by a recorder that passes its input through, so only the
     embeddings and the per-layer arguments (rotary embeddings, masks: they differ per layer in e.g.
     Gemma3) are computed; the last recorder stops the model before the final norm and lm_head.
@@ -54,7 +56,9 @@ def capture_block_inputs(model, blocks: torch.nn.ModuleList, ids: torch.Tensor, 
                 pass
             if keep_hidden:
                 if hidden is None:
-                    hidden = torch.empty((paths, ids.shape[0]) + captured[0].shape[1:], dtype=captured[0].dtype)
+                    shape = (paths, ids.shape[0]) + captured[0].shape[1:]
+                    hidden = (alloc(shape, captured[0].dtype) if alloc else
+                              torch.empty(shape, dtype=captured[0].dtype, device=captured[0].device))
                 hidden[:, sl] = captured[0]
             kwargs.append(list(per_block))
     finally:
