@@ -7,9 +7,11 @@ tiles (fp16/fp32, or no compiled kernel): W^T is dequantized in column tiles of 
 cpu_ext (torch ops when it cannot be built), each tile feeding one dense GEMM.
 
 int4pack (bits 2, 3 and 4: 2- and 3-bit values fit a 4-bit container, at 4-bit memory):
-    packed             uint8 [N, K/2]       torch._convert_weight_to_int4pack_for_cpu's layout: blocks of
-                                            64 output channels; byte (k * 32 + c) of block b holds q of
-                                            channel b*64 + c (low nibble) and b*64 + 32 + c (high nibble)
+    packed             uint8 [N, K/2]       torch._convert_weight_to_int4pack_for_cpu's layout, which
+                                            depends on the ISA torch runs with: blocks of B output
+                                            channels, byte (k * B/2 + c) of block b holds q of channel
+                                            b*B + c (low nibble) and b*B + B/2 + c (high nibble), with
+                                            B = int4pack_block_n(): 64 under AVX-512, 32 under AVX2
     scales_and_zeros   T     [K/gs, N, 2]   int4pack's convention, checked by test: W = (q - 8) * s + zf,
                                             so zf = (8 - zero) * s (asym zeros and v1's +1 folded in)
     perm               int64 [K] or None    act-order: K sorted by group once at prepare time, so every
@@ -28,6 +30,7 @@ No dense copy of W is kept: dequantized tiles live for one GEMM.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -35,8 +38,13 @@ from vllm_gptq_plugin import format as fmt
 
 from . import cpu_ext
 
+# For layers the fused kernel cannot serve (fp16/fp32, no AVX512-BF16). int4pack's time grows linearly
+# with M; dequantizing W^T tiles costs a fixed ~1 ms per 4096x4096 plus the dense GEMM. On the 2-core
+# AVX-512 dev box (4096x4096, bf16, noisy) they crossed between M = 16 and 32; benchmarks/kernels.py
+# prints the paths side by side per M.
+INT4PACK_MAX_M = 16
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
-INT4PACK_BLOCK_N = 64
+INT4PACK_BLOCK_N = 64  # N must be a multiple of this (both of torch's block sizes divide it)
 WT_TILE_BYTES = 2 << 20  # a W^T column tile per GEMM: fits L2/L3 next to its GEMM's operands
 FUSED_MAX_SEG = 256  # cpu_gemm_bf16.cpp's kMaxSeg: one segment's unpacked panel stays in L1
 
@@ -52,6 +60,17 @@ class Int4PackWeights:
     dtype: torch.dtype
     segments: torch.Tensor | None = None  # set when the fused kernel serves this layer
 
+    def op_args(self) -> tuple[list[torch.Tensor], list[int]]:
+        """(weights, meta) of kernels.ops.gemm for this layout."""
+        from .ops import INT4PACK
+        return ([self.packed, self.scales_and_zeros, _or_empty(self.perm), _or_empty(self.segments)],
+                [INT4PACK, self.in_features, self.out_features, self.group_size])
+
+    @classmethod
+    def from_op(cls, weights: list[torch.Tensor], meta: list[int]) -> "Int4PackWeights":
+        packed, sz, perm, segments = weights
+        return cls(packed, sz, meta[3], _or_none(perm), meta[1], meta[2], sz.dtype, _or_none(segments))
+
 
 @dataclasses.dataclass
 class DequantWeights:
@@ -64,6 +83,49 @@ class DequantWeights:
     out_features: int
     dtype: torch.dtype
     segments: torch.Tensor | None = None  # set when the fused kernel serves this layer (q blocked)
+
+    def op_args(self) -> tuple[list[torch.Tensor], list[int]]:
+        from .ops import DEQUANT
+        return ([self.q, self.zeros, self.scales, self.g_idx, _or_empty(self.perm), _or_empty(self.segments)],
+                [DEQUANT, self.in_features, self.out_features])
+
+    @classmethod
+    def from_op(cls, weights: list[torch.Tensor]) -> "DequantWeights":
+        q, zeros, scales, g_idx, perm, segments = weights
+        k = g_idx.shape[0]
+        return cls(q, zeros, scales, g_idx, _or_none(perm), k, scales.shape[1], scales.dtype, _or_none(segments))
+
+
+def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int64) if t is None else t
+
+
+def _or_none(t: torch.Tensor) -> torch.Tensor | None:
+    return t if t.numel() else None
+
+
+def path(w: Int4PackWeights | DequantWeights, m: int) -> str:
+    """Which CPU kernel serves M rows: "fused" | "int4pack" | "tiles" (the one place that decides)."""
+    if w.segments is not None:
+        return "fused"
+    return "int4pack" if isinstance(w, Int4PackWeights) and m <= INT4PACK_MAX_M else "tiles"
+
+
+@functools.cache
+def int4pack_block_n() -> int:
+    """B of torch's int4pack layout in this process, read off a packed probe (torch picks it from the
+    CPU's ISA: 64 with AVX-512, 32 with AVX2); 0 when torch packs some other way (its non-vectorized
+    build pairs adjacent channels), and then no layer takes the int4pack path."""
+    n, k = 128, 4
+    ch = torch.arange(n, dtype=torch.int32)
+    q = torch.stack([ch % 16, ch // 16, ch % 3, ch % 5], dim=1)  # [N, K]: rows 0-1 spell the channel
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1).flatten()
+    for b in (64, 32):
+        blocks = q.view(n // b, b, k).permute(0, 2, 1)  # [N/B, K, B]
+        want = blocks[..., : b // 2] | (blocks[..., b // 2:] << 4)
+        if torch.equal(packed.to(torch.int32), want.flatten()):
+            return b
+    return 0
 
 
 def _act_order_perm(g_idx: torch.Tensor) -> torch.Tensor | None:
@@ -79,6 +141,8 @@ def fused_segments(group_of_k: torch.Tensor, dtype: torch.dtype, out_features: i
     when the fused kernel cannot serve the layer (not bf16, not compiled, N % 64, an odd run bound)."""
     ext = cpu_ext.load()
     if dtype != torch.bfloat16 or out_features % 64 or ext is None or not ext.has_gemm_bf16():
+        return None
+    if int4pack_block_n() != 64:  # the kernel reads int4pack's AVX-512 layout (torch forced to AVX2?)
         return None
     k = group_of_k.shape[0]
     ends = torch.cat([torch.nonzero(group_of_k[1:] != group_of_k[:-1]).flatten() + 1, torch.tensor([k])])
@@ -117,6 +181,9 @@ def int4pack_group_size(sorted_g_idx: torch.Tensor) -> int:
 def can_int4pack(bits: int, g_idx: torch.Tensor, out_features: int) -> tuple[bool, str | None]:
     if bits > 4:
         return False, f"{bits}-bit values do not fit int4pack's 4-bit container"
+    if not int4pack_block_n():
+        return False, (f"torch's int4pack layout on this CPU ({torch.backends.cpu.get_cpu_capability()}) is "
+                       "not one this package reads")
     if out_features % INT4PACK_BLOCK_N:
         return False, f"int4pack packs output channels in blocks of {INT4PACK_BLOCK_N}; N={out_features}"
     perm = _act_order_perm(g_idx)
@@ -170,7 +237,7 @@ def dequant_t(w: Int4PackWeights | DequantWeights, n0: int, n1: int, scale_offse
     if out is None:
         out = torch.empty((w.in_features, n1 - n0), dtype=w.dtype)
     if isinstance(w, Int4PackWeights):
-        ext.dequant_int4pack(w.packed, s, off, w.group_size, n0, n1, out)
+        ext.dequant_int4pack(w.packed, s, off, w.group_size, n0, n1, out, int4pack_block_n())
     else:
         ext.dequant_rows(w.q, w.g_idx, s, off, n0, n1, out)
     return out
@@ -180,7 +247,8 @@ def _dequant_t_torch(w, n0: int, n1: int, s: torch.Tensor, off: torch.Tensor) ->
     """dequant_t in torch ops (~5 passes over the tile), for machines that cannot build cpu_ext."""
     if isinstance(w, Int4PackWeights):
         k = w.in_features
-        blocks = w.packed.view(-1, k, 32)[n0 // INT4PACK_BLOCK_N: n1 // INT4PACK_BLOCK_N]
+        b = int4pack_block_n()
+        blocks = w.packed.view(-1, k, b // 2)[n0 // b: n1 // b]
         q = torch.stack([blocks & 15, blocks >> 4], dim=2).permute(1, 0, 2, 3).reshape(k // w.group_size,
                                                                                       w.group_size, n1 - n0)
         return (q * s[:, None, n0:n1] + off[:, None, n0:n1]).view(k, n1 - n0).to(w.dtype)

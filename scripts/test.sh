@@ -2,7 +2,7 @@
 # Runs the whole test suite in .venv. pytest's exit 5 ("no tests collected") is a failure here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export TRITON_INTERPRET=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 export VLLM_GPTQ_CACHE=${VLLM_GPTQ_CACHE:-$PWD/.cache} HF_HUB_OFFLINE=1
 .venv/bin/python -m pytest -q -ra "$@"
 rc=$?

@@ -224,3 +224,14 @@ def test_killed_write_never_leaves_a_loadable_checkpoint(rtn_ckpt, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(fmt.FormatError):
         fmt.read_quant_config(tmp_path / "out")
+
+
+@pytest.mark.parametrize("bits", fmt.SUPPORTED_BITS)
+def test_pack_agrees_with_the_independent_reference_packer(bits):
+    # tests/gptq_reference.py packs bit by bit from the spec; the kernel tests draw layers from it.
+    import numpy as np
+
+    import gptq_reference as ref
+    v = np.random.default_rng(bits).integers(0, 1 << bits, size=(64, 24))
+    assert torch.equal(fmt.pack(torch.from_numpy(v), bits, dim=0), torch.from_numpy(ref.pack_bits(v, bits)))
+    assert np.array_equal(fmt.unpack(torch.from_numpy(ref.pack_bits(v, bits)), bits, dim=0).numpy(), v)

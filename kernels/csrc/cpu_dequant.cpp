@@ -35,17 +35,18 @@ template <> struct Store<at::Half> {
   static raw cvt(float f) { return static_cast<_Float16>(f); }
 };
 
-// packed  uint8 [N, K/2]  torch._convert_weight_to_int4pack_for_cpu's layout: 64-channel blocks; byte
-//                          k*32 + c of block b holds channel b*64+c (low nibble), b*64+32+c (high)
+// packed  uint8 [N, K/2]  torch._convert_weight_to_int4pack_for_cpu's layout: B-channel blocks (B = 64
+//                          under AVX-512, 32 under AVX2: cpu.int4pack_block_n); byte k*B/2 + c of block
+//                          b holds channel b*B+c (low nibble), b*B+B/2+c (high)
 // scale, offset  fp32 [K/gs, N]   W[n, k] = q * scale[k/gs, n] + offset[k/gs, n]
 // out     T [K, n1 - n0]   W^T for output channels [n0, n1), n0 and n1 multiples of 64
-// One 64-channel block of one K row: 32 bytes -> 64 outputs.
+// One B-channel block of one K row: B/2 bytes (`half`) -> B outputs.
 template <typename T>
 inline void int4pack_block(const uint8_t* __restrict__ src, const float* __restrict__ s,
-                           const float* __restrict__ o, typename Store<T>::raw* __restrict__ d) {
-  for (int c = 0; c < 32; ++c) {
+                           const float* __restrict__ o, typename Store<T>::raw* __restrict__ d, int half) {
+  for (int c = 0; c < half; ++c) {
     d[c] = Store<T>::cvt(static_cast<float>(src[c] & 15) * s[c] + o[c]);
-    d[c + 32] = Store<T>::cvt(static_cast<float>(src[c] >> 4) * s[32 + c] + o[32 + c]);
+    d[c + half] = Store<T>::cvt(static_cast<float>(src[c] >> 4) * s[half + c] + o[half + c]);
   }
 }
 
@@ -54,31 +55,32 @@ inline void int4pack_block(const uint8_t* __restrict__ src, const float* __restr
 // AVX512-BF16 convert instead of the integer rounding trick the auto-vectorizer gets.
 template <>
 inline void int4pack_block<at::BFloat16>(const uint8_t* __restrict__ src, const float* __restrict__ s,
-                                         const float* __restrict__ o, uint16_t* __restrict__ d) {
+                                         const float* __restrict__ o, uint16_t* __restrict__ d, int half) {
   const __m512i nibble = _mm512_set1_epi32(15);
-  for (int c = 0; c < 32; c += 16) {
+  for (int c = 0; c < half; c += 16) {
     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c)));
     __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, nibble)), _mm512_loadu_ps(s + c),
                                 _mm512_loadu_ps(o + c));
-    __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), _mm512_loadu_ps(s + 32 + c),
-                                _mm512_loadu_ps(o + 32 + c));
+    __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), _mm512_loadu_ps(s + half + c),
+                                _mm512_loadu_ps(o + half + c));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c), (__m256i)_mm512_cvtneps_pbh(lo));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 32 + c), (__m256i)_mm512_cvtneps_pbh(hi));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + half + c), (__m256i)_mm512_cvtneps_pbh(hi));
   }
 }
 #endif
 
 template <typename T>
 void int4pack_to_wt(const uint8_t* packed, const float* scale, const float* offset,
-                    typename Store<T>::raw* out, int64_t K, int64_t N, int64_t gs, int64_t n0, int64_t n1) {
-  const int64_t width = n1 - n0;
+                    typename Store<T>::raw* out, int64_t K, int64_t N, int64_t gs, int64_t n0, int64_t n1,
+                    int64_t B) {
+  const int64_t width = n1 - n0, half = B / 2;
   at::parallel_for(0, K, 16, [&](int64_t k_begin, int64_t k_end) {
     for (int64_t k = k_begin; k < k_end; ++k) {
       const float* s = scale + (k / gs) * N;
       const float* o = offset + (k / gs) * N;
       auto* dst = out + k * width;
-      for (int64_t b = n0 / 64; b < n1 / 64; ++b) {
-        int4pack_block<T>(packed + b * K * 32 + k * 32, s + b * 64, o + b * 64, dst + (b * 64 - n0));
+      for (int64_t b = n0 / B; b < n1 / B; ++b) {
+        int4pack_block<T>(packed + b * K * half + k * half, s + b * B, o + b * B, dst + (b * B - n0), half);
       }
     }
   });
@@ -115,10 +117,11 @@ void check_out(const torch::Tensor& out, int64_t K, int64_t width) {
 
 // Writes into `out` (reused across tiles and calls by the caller: no page faults per tile).
 void dequant_int4pack(torch::Tensor packed, torch::Tensor scale, torch::Tensor offset,
-                      int64_t group_size, int64_t n0, int64_t n1, torch::Tensor out) {
+                      int64_t group_size, int64_t n0, int64_t n1, torch::Tensor out, int64_t block_n) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2, "packed");
   check_common(scale, offset);
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(block_n == 64 || block_n == 32, "int4pack block of 64 or 32 channels");
   TORCH_CHECK(N % 64 == 0 && n0 % 64 == 0 && n1 % 64 == 0 && 0 <= n0 && n0 < n1 && n1 <= N, "n range");
   TORCH_CHECK(K % group_size == 0 && scale.size(0) == K / group_size && scale.size(1) == N, "groups");
   check_out(out, K, n1 - n0);
@@ -126,13 +129,13 @@ void dequant_int4pack(torch::Tensor packed, torch::Tensor scale, torch::Tensor o
   const auto* p = packed.data_ptr<uint8_t>();
   if (dtype == at::kFloat)
     int4pack_to_wt<float>(p, scale.data_ptr<float>(), offset.data_ptr<float>(),
-                          out.data_ptr<float>(), K, N, group_size, n0, n1);
+                          out.data_ptr<float>(), K, N, group_size, n0, n1, block_n);
   else if (dtype == at::kBFloat16)
     int4pack_to_wt<at::BFloat16>(p, scale.data_ptr<float>(), offset.data_ptr<float>(),
-                                 reinterpret_cast<uint16_t*>(out.data_ptr()), K, N, group_size, n0, n1);
+                                 reinterpret_cast<uint16_t*>(out.data_ptr()), K, N, group_size, n0, n1, block_n);
   else if (dtype == at::kHalf)
     int4pack_to_wt<at::Half>(p, scale.data_ptr<float>(), offset.data_ptr<float>(),
-                             reinterpret_cast<_Float16*>(out.data_ptr()), K, N, group_size, n0, n1);
+                             reinterpret_cast<_Float16*>(out.data_ptr()), K, N, group_size, n0, n1, block_n);
   else
     TORCH_CHECK(false, "dtype must be fp32, bf16 or fp16");
 }
