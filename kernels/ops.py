@@ -28,10 +28,6 @@ TRITON, INT4PACK, DEQUANT = 0, 1, 2
 # kernel: a gather per x load costs little at decode and a lot in a prefill tile.
 PERM_IN_KERNEL_MAX_M = 64
 
-LIB = torch.library.Library("vllm_gptq_plugin", "FRAGMENT")
-LIB.define("gemm(Tensor x, Tensor[] weights, Tensor? bias, int[] meta) -> Tensor")
-
-
 def gemm(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, meta: list[int]) -> torch.Tensor:
     layout, k, n = meta[0], meta[1], meta[2]
     require(check_input(x, k, weights[0].device, bias, n))
@@ -48,14 +44,19 @@ def gemm(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None
     return y.reshape(*x.shape[:-1], n)
 
 
-@torch.library.register_fake("vllm_gptq_plugin::gemm")
 def _gemm_fake(x, weights, bias, meta):
     torch._check(x.shape[-1] == meta[1], lambda: f"x must be [..., {meta[1]}], found {list(x.shape)}")
     return x.new_empty(*x.shape[:-1], meta[2])
 
 
-LIB.impl("gemm", gemm, "CPU")   # CPU layouts, and the Triton layout under Triton's interpreter
-LIB.impl("gemm", gemm, "CUDA")  # Triton (CUDA and ROCm builds of torch both use this key)
+# Once per process: this file can be imported under a second name (a checkout's root on sys.path
+# makes kernels/ importable as `kernels`, which vLLM probes for), and an op is defined only once.
+if not hasattr(torch.ops.vllm_gptq_plugin, "gemm"):
+    LIB = torch.library.Library("vllm_gptq_plugin", "FRAGMENT")
+    LIB.define("gemm(Tensor x, Tensor[] weights, Tensor? bias, int[] meta) -> Tensor")
+    LIB.impl("gemm", gemm, "CPU")   # CPU layouts, and the Triton layout under Triton's interpreter
+    LIB.impl("gemm", gemm, "CUDA")  # Triton (CUDA and ROCm builds of torch both use this key)
+    torch.library.register_fake("vllm_gptq_plugin::gemm", _gemm_fake, lib=LIB)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton's interpreter runs the Triton kernels where there is no GPU; it must be chosen before anything
+# (torch.compile, vLLM) imports triton (kernels/triton_env.py explains why). A GPU run sets 0 or nothing.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 CACHE = Path(os.environ.get("VLLM_GPTQ_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
 MODEL_VERSION = "v1"  # bump when models.py changes how test models are built
@@ -15,6 +21,12 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    import torch
+    if not torch.cuda.is_available():  # stated in the summary (-ra), never silent
+        no_gpu = pytest.mark.skip(reason="needs a CUDA GPU: scripts/gpu_check.sh runs these on one")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(no_gpu)
     if config.getoption("--run-opt-in") or os.environ.get("RUN_OPT_IN") == "1":
         return
     skip = pytest.mark.skip(reason="opt-in: pass --run-opt-in or RUN_OPT_IN=1")

@@ -126,6 +126,7 @@ def vllm_greedy(path: Path, prompt_ids: list[list[int]], max_tokens: int, **llm_
     """Greedy tokens from a vLLM engine (built, used, torn down here)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    inspect = llm_kwargs.pop("_inspect", None)  # a test's look at the engine before it is torn down
     kwargs = dict(quantization="gptq-plugin", dtype="float32", enforce_eager=True, max_model_len=256,
                   seed=0, max_num_seqs=16)
     kwargs.update(llm_kwargs)
@@ -140,6 +141,8 @@ def vllm_greedy(path: Path, prompt_ids: list[list[int]], max_tokens: int, **llm_
         if pinned:
             del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     try:
+        if inspect:
+            inspect(llm)
         outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
                             SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
         return [list(o.outputs[0].token_ids) for o in outs]
