@@ -1,7 +1,7 @@
 """Quantizing one decoder block, group by group: each group's Hessians from the block's forward over
-the calibration set, the GPTQ solve of each member, its dequantized weights written back so that later
-groups see them (quantize_group); then the quantized block run to give the next block's inputs
-(run_block)."""
+the calibration set (summed over the ranks of a distributed run), the GPTQ solve of each member, its
+dequantized weights written back so that later groups see them (quantize_group); then the quantized
+block run to give the next block's inputs (run_block)."""
 from __future__ import annotations
 
 import time
@@ -13,6 +13,7 @@ from vllm_gptq_plugin import format as fmt
 from vllm_gptq_plugin.offline_quant import checkpoint, report as rpt
 from vllm_gptq_plugin.offline_quant.calibration import Calibration
 from vllm_gptq_plugin.offline_quant.devices import Placement
+from vllm_gptq_plugin.offline_quant.distributed import World
 from vllm_gptq_plugin.offline_quant.gptq import GPTQ
 from vllm_gptq_plugin.offline_quant.memo import ChildMemo, use_memo
 from vllm_gptq_plugin.offline_quant.tracing import block_output, inputs_of
@@ -23,7 +24,7 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
                    acts: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice],
                    cfg: fmt.QuantConfig, block_index: int, progress: Callable[[str], None], calib: Calibration,
                    fp_block=None, last: bool = False, memos: tuple[ChildMemo, ChildMemo | None] | None = None,
-                   done: int = 0, place: Placement = Placement()):
+                   done: int = 0, place: Placement = Placement(), world: World = World()):
     """Hessians of `members` from the block's forward over the calibration set, then GPTQ each.
 
     acts[0] holds the block's inputs in the quantized model; with fp targets (fp_block: the block's
@@ -32,7 +33,7 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
     Members reading the same input share one Hessian (accumulated once, copied). The forwards stop
     before the last member runs: nothing after it is needed. memos: the quantized and fp blocks'
     ChildMemos; done: how many of the block's groups are quantized already; place: where the block
-    runs and the activations live.
+    runs and the activations live; world: the ranks, which sum their Hessians (rank 0 solves).
     """
     gptq = {m: GPTQ(layers[m][0], layers[m][2]) for m in members}
     alias: dict[str, str] = {}
@@ -65,6 +66,9 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
                 else:
                     alias[m] = src
         del xs, targets
+    for m in members:
+        if m not in alias:
+            world.merge_hessians(gptq[m], f"summing the Hessian of {layers[m][2]}")
     for m, src in alias.items():
         gptq[m].H = gptq[src].H.clone()
         gptq[m].C = None if gptq[src].C is None else gptq[src].C.clone()
@@ -72,25 +76,34 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
     packed, rows = {}, []
     for m in members:
         module, lcfg, full = layers[m]
-        progress(full)
-        t0 = time.perf_counter()
-        # fasterquant sets dead columns' diagonal to 1 in H; SQNR needs the raw H (a vector kept, not a copy)
-        diag = gptq[m].H.diagonal().clone()
-        result = gptq[m].fasterquant(lcfg)
-        H = gptq[m].H
-        H.diagonal().copy_(diag)
-        # SQNR against what the solve quantized: the fp-target weights W' when there are some
-        W = gptq[m].target if gptq[m].target is not None else module.weight.detach().float().clone()
-        module.weight.copy_(result.Q.to(module.weight.dtype))
-        packed[full] = checkpoint.pack_linear(module, result.q, result.zeros, result.scales, result.g_idx,
-                                              lcfg, cfg.checkpoint_format)
-        seconds = time.perf_counter() - t0
-        rows.append(rpt.row(full, block_index, lcfg, result.stats, rpt.output_sqnr_db(W, result.Q, H), seconds))
+        if world.leader:  # rank 0 solves; the others receive the result
+            progress(full)
+            packed[full], row = _solve(gptq[m], module, lcfg, cfg.checkpoint_format, block_index)
+            rows.append(row)
         gptq[m].free()
-        del W, H, result
+        world.broadcast_(module.weight.data, f"sending the quantized weights of {full}")
         if m in kept:  # the child's output in every later pass
             qmemo.fill(computable[m], kept.pop(m), module, calib.autocast)
     return packed, rows
+
+
+def _solve(gptq: GPTQ, module: torch.nn.Linear, lcfg: fmt.QuantConfig, checkpoint_format: str,
+           block_index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """GPTQ of one Linear from its accumulated H: its weight becomes the dequantized Q; returns its
+    packed tensors and report row."""
+    t0 = time.perf_counter()
+    # fasterquant sets dead columns' diagonal to 1 in H; SQNR needs the raw H (a vector kept, not a copy)
+    diag = gptq.H.diagonal().clone()
+    result = gptq.fasterquant(lcfg)
+    gptq.H.diagonal().copy_(diag)
+    # SQNR against what the solve quantized: the fp-target weights W' when there are some
+    W = gptq.target if gptq.target is not None else module.weight.detach().float().clone()
+    module.weight.copy_(result.Q.to(module.weight.dtype))
+    packed = checkpoint.pack_linear(module, result.q, result.zeros, result.scales, result.g_idx, lcfg,
+                                    checkpoint_format)
+    seconds = time.perf_counter() - t0
+    return packed, rpt.row(gptq.name, block_index, lcfg, result.stats, rpt.output_sqnr_db(W, result.Q, gptq.H),
+                           seconds)
 
 
 @torch.no_grad()

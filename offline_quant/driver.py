@@ -22,6 +22,10 @@ for the block's attention outputs (twice with fp targets: the fp model's path as
 group's Hessians.
 
 Resume (resume.WorkState): a run killed after a finished block continues from it when rerun.
+
+Devices (devices.py): the model stays on the CPU, each block in turn and the activations go to the
+compute device. Ranks (distributed.py): each forwards its share of the samples, Hessians are summed,
+rank 0 solves and writes.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from typing import Any
 import torch
 
 from vllm_gptq_plugin import format as fmt
-from vllm_gptq_plugin.offline_quant import checkpoint, devices, model_io, report as rpt
+from vllm_gptq_plugin.offline_quant import checkpoint, devices, distributed, model_io, report as rpt
 from vllm_gptq_plugin.offline_quant.block import quantize_group, run_block
 from vllm_gptq_plugin.offline_quant.calibration import DEFAULT_BATCH, FORWARD_DTYPES, Calibration
 from vllm_gptq_plugin.offline_quant.gptq import GPTQ, NonFiniteActivations
@@ -51,46 +55,80 @@ log = logging.getLogger(__name__)
 def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fmt.QuantConfig,
                    calib: Calibration = Calibration(), resume: bool = True, overwrite: bool = False,
                    batch_size: int = DEFAULT_BATCH, threads: int | None = None, progress: bool = True,
-                   offload_activations: bool = False) -> tuple[Path, dict[str, Any]]:
+                   offload_activations: bool = False,
+                   dist_timeout: float = distributed.DEFAULT_TIMEOUT_S) -> tuple[Path, dict[str, Any] | None]:
     """GPTQ-quantize the HF causal LM at `model_dir` into checkpoint `out`; returns (path, report).
 
     calib.device: "cpu", "cuda[:N]" or "auto" (the GPU when torch sees one); offload_activations:
-    keep the calibration activations in pinned CPU memory instead of on the GPU.
+    keep the calibration activations in pinned CPU memory instead of on the GPU. Launched by torchrun
+    (distributed.py), the ranks share the calibration samples; rank 0 writes the checkpoint and
+    returns the report, the other ranks return None for it.
     """
     if calib.forward_dtype not in FORWARD_DTYPES:
         raise fmt.FormatError(f"unknown forward dtype {calib.forward_dtype!r}: choose one of {FORWARD_DTYPES}")
-    calib = dataclasses.replace(calib, device=str(devices.resolve(calib.device)))
-    place = devices.Placement(torch.device(calib.device), offload_activations)
+    ranks = distributed.world_size_from_env()
+    if ranks > calib.nsamples:
+        raise fmt.FormatError(f"{ranks} ranks but {calib.nsamples} calibration samples: each rank needs at "
+                              f"least one; pass --nsamples {ranks} or more, or launch fewer ranks")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if ranks > 1 else None
+    calib = dataclasses.replace(calib, device=str(devices.resolve(calib.device, local_rank)))
+    world = distributed.join(torch.device(calib.device).type, dist_timeout)
+    try:
+        return _quantize_model(model_dir, out, cfg, calib, resume, overwrite, batch_size, threads, progress,
+                               devices.Placement(torch.device(calib.device), offload_activations), world)
+    finally:
+        world.close()
+
+
+def _quantize_model(model_dir, out, cfg: fmt.QuantConfig, calib: Calibration, resume: bool, overwrite: bool,
+                    batch_size: int, threads: int | None, progress: bool, place: devices.Placement,
+                    world: distributed.World) -> tuple[Path, dict[str, Any] | None]:
     devices.reset_peak_memory(place.compute)
     run = model_io.load_for_quantization(model_dir, out, overwrite, threads)
-    memory = {**rpt.memory(run.model, cfg, calib, model_io.decoder_blocks(run.model)[1][0], place.offload),
+    shard = world.shard(calib.nsamples)  # this rank's calibration samples: its activations
+    memory = {**rpt.memory(run.model, cfg, dataclasses.replace(calib, nsamples=shard.stop - shard.start),
+                           model_io.decoder_blocks(run.model)[1][0], place.offload),
               "baseline_rss_mb": run.baseline_mb}  # before weights are dropped
     cfg = checkpoint.stamped(cfg, "gptq")
     targets = checkpoint.quantizable_linears(run.model, cfg)  # refuses shapes the format cannot hold
+    ids = _calibration_ids(run.model_dir, calib)
+    work = WorkState(run.out, run_key(run.model_dir, cfg, calib, "gptq", batch_size, ids, world.size), world)
     try:
-        packed, rows = _gptq(run.model, run.model_dir, run.out, targets, cfg, calib, resume, batch_size,
-                             rpt.progress_bars(progress), place)
+        packed, rows = _gptq(run.model, run.model_dir, targets, cfg, calib, ids[world.shard(len(ids))], work,
+                             resume, batch_size, rpt.progress_bars(progress and world.leader), place, world)
     except NonFiniteActivations as e:  # a data/model problem, not a crash: one clear message
         raise fmt.FormatError(str(e)) from e
-    rep = rpt.build("gptq", cfg, dataclasses.asdict(calib), rows, time.perf_counter() - run.t_start, memory,
-                    peak_gpu_mb=devices.peak_memory_mb(place.compute))
-    path = checkpoint.write(run.model, packed, cfg, run.out, run.model_dir, overwrite,
-                            {rpt.REPORT_FILE: rpt.to_json(rep)}, dtype=run.src_dtype)
-    WorkState(run.out, {}).remove()
+    peaks = world.gather((rpt.peak_rss_mb(), devices.peak_memory_mb(place.compute)), "reporting peak memory")
+    path, rep = run.out, None
+    if world.leader:
+        rep = rpt.build("gptq", cfg, dataclasses.asdict(calib), rows, time.perf_counter() - run.t_start, memory,
+                        peak_gpu_mb=peaks[0][1])
+        if world.size > 1:
+            rep["ranks"] = {"world_size": world.size, "peak_rss_mb": [p[0] for p in peaks],
+                            "peak_gpu_mb": [p[1] for p in peaks]}
+        path = checkpoint.write(run.model, packed, cfg, run.out, run.model_dir, overwrite,
+                                {rpt.REPORT_FILE: rpt.to_json(rep)}, dtype=run.src_dtype)
+    world.roll_call("writing the checkpoint")  # the resume state goes only once the checkpoint is there
+    work.remove()
     return path, rep
 
 
-def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, calib: Calibration,
-          resume: bool, batch_size: int, bars, place: devices.Placement):
+def _calibration_ids(model_dir: Path, calib: Calibration) -> torch.Tensor:
+    """All calibration samples [nsamples, seqlen]: every rank draws the same, then takes its share."""
     import transformers
     from vllm_gptq_plugin.offline_quant import data
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    ids = data.calibration_samples(tokenizer, list(calib.sources), calib.nsamples, calib.seqlen, calib.seed)
+    return data.calibration_samples(tokenizer, list(calib.sources), calib.nsamples, calib.seqlen, calib.seed)
+
+
+def _gptq(model, model_dir: Path, targets, cfg: fmt.QuantConfig, calib: Calibration, ids: torch.Tensor,
+          work: WorkState, resume: bool, batch_size: int, bars, place: devices.Placement,
+          world: distributed.World):
+    """The block loop over this rank's calibration samples `ids`; (packed, rows) on rank 0."""
     prefix, blocks = model_io.decoder_blocks(model)
     batches = batch_slices(ids.shape[0], batch_size)
     fp_targets = bool(cfg.meta.get("fp_targets", False))
     weights = model_io.BlockWeights(model_dir)
-    work = WorkState(out, run_key(model_dir, cfg, calib, "gptq", batch_size, ids))
     state = work.load(resume)
     if state is None:
         start, packed, rows = 0, {}, []
@@ -128,7 +166,8 @@ def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, cali
             def step(name):
                 layer_bar.set_postfix_str(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
             p, r = quantize_group(block, members, layers, acts, block_kw, batches, cfg, i, step, calib,
-                                  fp_block, last=members is groups[-1], memos=memos, done=done, place=place)
+                                  fp_block, last=members is groups[-1], memos=memos, done=done, place=place,
+                                  world=world)
             layer_bar.update(len(members))
             block_packed.update(p)
             rows.extend(r)
@@ -142,14 +181,17 @@ def _gptq(model, model_dir: Path, out: Path, targets, cfg: fmt.QuantConfig, cali
         block_bar.update(1)
     block_bar.close()
     if "lm_head" in targets:
-        packed["lm_head"], row = _lm_head(model, targets["lm_head"], acts[0], batches, cfg, place)
-        rows.append(row)
+        lm_head = _lm_head(model, targets["lm_head"], acts[0], batches, cfg, place, world)
+        if world.leader:
+            packed["lm_head"], row = lm_head
+            rows.append(row)
     return packed, rows
 
 
 @torch.no_grad()
 def _lm_head(model, target, inps: torch.Tensor, batches: list[slice], cfg: fmt.QuantConfig,
-             place: devices.Placement):
+             place: devices.Placement, world: distributed.World):
+    """lm_head quantized on the final norm's output: (packed, row) on rank 0, None on the others."""
     module, lcfg = target
     if module.weight is model.get_input_embeddings().weight:  # tied: quantize a copy, keep the embedding
         module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
@@ -160,6 +202,12 @@ def _lm_head(model, target, inps: torch.Tensor, batches: list[slice], cfg: fmt.Q
     g = GPTQ(module, "lm_head")
     for sl in batches:
         g.add_batch(norm(place.fetch(inps[sl])))
+    world.merge_hessians(g, "summing the Hessian of lm_head")
+    norm.to("cpu")
+    if not world.leader:
+        g.free()
+        module.to("cpu")
+        return None
     t0 = time.perf_counter()
     diag = g.H.diagonal().clone()  # fasterquant sets dead columns' diagonal to 1 in H; SQNR needs the raw H
     W, result = module.weight.detach().float().clone(), g.fasterquant(lcfg)
@@ -169,6 +217,5 @@ def _lm_head(model, target, inps: torch.Tensor, batches: list[slice], cfg: fmt.Q
                                     cfg.checkpoint_format)
     row = rpt.row("lm_head", -1, lcfg, result.stats, rpt.output_sqnr_db(W, result.Q, g.H), time.perf_counter() - t0)
     g.free()
-    norm.to("cpu")
     module.to("cpu")
     return packed, row

@@ -50,6 +50,7 @@ FP_TARGET_DAMP = 0.1
 SUB_BLOCK = 16    # columns per rank-1-update tile inside a block (a performance knob only)
 CHOLESKY_BLOCK = 512  # block size of _upper_cholesky_ (a performance knob only)
 TOKENS_PER_GEMM = 2048  # add_batch's slice of tokens (a memory knob only)
+GRAM_COLUMNS_ELEMENTS = 1 << 24  # fp32 elements of one slice of a Gram update (64 MiB; a memory knob)
 
 
 class NonFiniteActivations(ValueError):
@@ -83,18 +84,49 @@ class GPTQ:
         self.layer = layer
         self.name = name
         self.rows, self.columns = layer.weight.shape
-        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=layer.weight.device)
-        self.C = None  # 2/n sum of x~ x^T when fp targets are given (see add_batch)
-        self.target = None  # then: the weights the solve quantized (W'), for the report
+        # Sums over all tokens of x x^T (and of x~ x^T with fp targets, see add_batch) in fp64: sums of
+        # fp32 GEMM outputs are exact there (or nearly), so any split of the tokens into batches or
+        # ranks (distributed.World.merge_hessians) gives the same fp32 H after its one rounding.
+        self.Hsum = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=layer.weight.device)
+        self.Csum = None
+        self._H = self._C = None
+        self.target = None  # with fp targets: the weights the solve quantized (W'), for the report
         self.nsamples = 0  # tokens seen
 
+    @property
+    def H(self) -> torch.Tensor:
+        """2/n sum of x x^T over the n tokens seen, in fp32 (made from Hsum on first use, which drops
+        Hsum: no add_batch after that). Assignable, e.g. with a Hessian computed elsewhere."""
+        if self._H is None and self.Hsum is not None:
+            self._H, self.Hsum = self._mean(self.Hsum), None
+        return self._H
+
+    @H.setter
+    def H(self, value: torch.Tensor) -> None:
+        self._H, self.Hsum = value, None
+
+    @property
+    def C(self) -> torch.Tensor | None:
+        """2/n sum of x~ x^T with fp targets, else None; made like H."""
+        if self._C is None and self.Csum is not None:
+            self._C, self.Csum = self._mean(self.Csum), None
+        return self._C
+
+    @C.setter
+    def C(self, value: torch.Tensor | None) -> None:
+        self._C, self.Csum = value, None
+
+    def _mean(self, S: torch.Tensor) -> torch.Tensor:
+        return S.mul_(2 / max(self.nsamples, 1)).to(torch.float32)
+
     def add_batch(self, inp: torch.Tensor, target: torch.Tensor | None = None) -> None:
-        """H = 2/n sum over all n tokens so far of x x^T, updated with one in-place GEMM per batch.
+        """Hsum += x x^T over the batch's tokens, in GEMMs of TOKENS_PER_GEMM tokens.
 
         target: what the layer's input x~ would be in the fp model (same tokens): then the layer is
         fit to the fp model's output, min |Q x - W x~|^2 (GPTAQ, Li et al. 2025), not to its own
         on its quantized inputs; this needs C = 2/n sum x~ x^T as well.
         """
+        assert self.Hsum is not None, "add_batch after H was made (or set)"
         inp = inp.detach().reshape(-1, inp.shape[-1])
         if target is not None:
             target = target.detach().reshape(-1, target.shape[-1])
@@ -103,23 +135,19 @@ class GPTQ:
         # In slices of TOKENS_PER_GEMM tokens: the fp32 copies of inp and target stay small (a
         # batch of 4096 tokens of a 1536-wide input was 25 MB each, and the heap kept them).
         for t0 in range(0, inp.shape[0], TOKENS_PER_GEMM):
-            x = inp[t0:t0 + TOKENS_PER_GEMM].to(device=self.H.device, dtype=torch.float32)
-            tmp = x.shape[0]
-            # A running mean (rescale, then add) keeps H at the scale of one token's x x^T, so fp32
-            # never accumulates a huge sum; beta and alpha fold the rescaling into the GEMM itself.
-            beta, alpha = self.nsamples / (self.nsamples + tmp), 2 / (self.nsamples + tmp)
-            self.H.addmm_(x.t(), x, beta=beta, alpha=alpha)
+            x = inp[t0:t0 + TOKENS_PER_GEMM].to(device=self.Hsum.device, dtype=torch.float32)
+            _add_gram(self.Hsum, x, x)
             if target is not None:
-                if self.C is None:
-                    self.C = torch.zeros_like(self.H)
-                self.C.addmm_(target[t0:t0 + TOKENS_PER_GEMM].to(x).t(), x, beta=beta, alpha=alpha)
-            self.nsamples += tmp
+                if self.Csum is None:
+                    self.Csum = torch.zeros_like(self.Hsum)
+                _add_gram(self.Csum, target[t0:t0 + TOKENS_PER_GEMM].to(x), x)
+            self.nsamples += x.shape[0]
         # A NaN or Inf anywhere in inp reaches diag(H) (sum of x_k^2), so K values tell what a full pass
         # over inp would.
-        if not bool(torch.isfinite(self.H.diagonal()).all()):
+        if not bool(torch.isfinite(self.Hsum.diagonal()).all()):
             where = f"layer {self.name}" if self.name else "this layer"
             if bool(torch.isfinite(inp).all()):
-                raise NonFiniteActivations(f"the Hessian of {where} overflowed fp32: its calibration "
+                raise NonFiniteActivations(f"the Hessian of {where} overflowed: its calibration "
                                            "activations are too large")
             bad = "NaN" if bool(torch.isnan(inp).any()) else "Inf"
             raise NonFiniteActivations(
@@ -279,7 +307,15 @@ class GPTQ:
         return GPTQResult(q, zeros, scales, g_idx, _dequantize(q, zeros, scales, g_idx), stats)
 
     def free(self) -> None:
-        self.H = self.C = self.target = None
+        self.Hsum = self.Csum = self._H = self._C = self.target = None
+
+
+def _add_gram(S: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> None:
+    """S += a^T x (S fp64 [K, K], a and x fp32 [tokens, K]): fp32 GEMMs (in the caller's GEMM mode)
+    of GRAM_COLUMNS_ELEMENTS // K columns at a time, so the fp32 product never needs a whole K x K."""
+    cols = max(1, GRAM_COLUMNS_ELEMENTS // S.shape[0])
+    for c0 in range(0, S.shape[1], cols):
+        S[:, c0:c0 + cols] += a.t() @ x[:, c0:c0 + cols]
 
 
 def _upper_cholesky(H: torch.Tensor, perm: torch.Tensor | None, percdamp: float, threads: int):

@@ -1,4 +1,5 @@
-"""The `vllm-gptq quantize` command: its arguments, the QuantConfig they make, and the run.
+"""The `vllm-gptq quantize` command: its arguments, the QuantConfig they make, and the run. Under
+torchrun (`torchrun --nproc-per-node N -m vllm_gptq_plugin.cli quantize ...`) every rank runs it.
 
 The quantizers live in their own modules: driver (GPTQ on a whole model, block by block) and rtn
 (round-to-nearest); the Python API is api.quantize.
@@ -9,7 +10,7 @@ import argparse
 from typing import Any
 
 from vllm_gptq_plugin import format as fmt
-from vllm_gptq_plugin.offline_quant import devices, driver, report as rpt, rtn
+from vllm_gptq_plugin.offline_quant import devices, distributed, driver, report as rpt, rtn
 from vllm_gptq_plugin.offline_quant.calibration import (DEFAULT_BATCH, DEFAULT_CALIB, DEFAULT_FORWARD_DTYPE,
                                                         DEFAULT_NSAMPLES, DEFAULT_SEQLEN, FORWARD_DTYPES,
                                                         Calibration)
@@ -82,6 +83,9 @@ def add_arguments(p) -> None:
                         "each rank takes its node's GPU LOCAL_RANK")
     p.add_argument("--offload-activations", action="store_true",
                    help="on a GPU, keep the calibration activations in pinned CPU memory (when they do not fit)")
+    p.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others (rank 0's solve of a group) "
+                        "before it stops with an error naming the ranks that did not answer")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue an interrupted run of the same command (the default)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="discard an interrupted run")
@@ -111,7 +115,10 @@ def run(args) -> int:
         path, rep = driver.quantize_model(args.model, args.out, cfg, calib, resume=args.resume,
                                           overwrite=args.overwrite, batch_size=args.batch_size,
                                           threads=args.threads, progress=args.progress,
-                                          offload_activations=args.offload_activations)
+                                          offload_activations=args.offload_activations,
+                                          dist_timeout=args.dist_timeout)
+    if rep is None:  # a rank other than 0 of a distributed run: rank 0 prints the report
+        return 0
     print(rpt.table(rep["layers"]))
     print(rpt.summary(rep))
     print(f"checkpoint written to {path} (report: {path / rpt.REPORT_FILE})")

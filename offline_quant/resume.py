@@ -1,7 +1,7 @@
 """Resume: after each block, the finished blocks' packed tensors, the next block's inputs and the report
 so far go to `<out>.partial/` (each file written to a temporary name and renamed; the state file last).
 Rerunning the same command continues from there and writes a bit-identical model.safetensors;
-different settings refuse to resume."""
+different settings refuse to resume. A distributed run resumes with the same number of ranks."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,18 +19,26 @@ import torch
 
 from vllm_gptq_plugin import format as fmt
 from vllm_gptq_plugin.offline_quant.calibration import Calibration
+from vllm_gptq_plugin.offline_quant.distributed import World
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
 
 
 class WorkState:
-    """Finished blocks' packed tensors, the next block's inputs and the report rows, on disk."""
+    """Finished blocks' packed tensors, the next block's inputs and the report rows, on disk.
 
-    def __init__(self, out: Path, key: dict[str, Any]):
+    With several ranks (distributed.World) each rank writes its own share of the inputs,
+    inputs-<done>.rank<r>.f32, and rank 0 the packed blocks and state.json, last, once every rank's
+    file is in place; each rank reads back its own share. Ranks on other machines need --out on a
+    filesystem they all see (or the same path on each, holding that machine's ranks' files).
+    """
+
+    def __init__(self, out: Path, key: dict[str, Any], world: World = World()):
         self.dir = out.with_name(out.name + ".partial")
         self.key = json.loads(json.dumps(key))  # as state.json will hold it (tuples become lists)
         self.digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self.world = world
 
     def _write(self, fname: str, writer: Callable[[Path], None]) -> None:
         tmp = self.dir / f".{fname}.tmp"
@@ -47,7 +55,15 @@ class WorkState:
             raise
 
     def load(self, resume: bool) -> dict[str, Any] | None:
-        """The saved state to continue from, or None (starting afresh, old state removed)."""
+        """The saved state to continue from, or None (starting afresh, old state removed); decided by
+        rank 0 for all ranks, which must all run with the same settings."""
+        digests = self.world.gather(self.digest, "comparing the ranks' settings")
+        self.world.check(None if digests[self.world.rank] == digests[0] else
+                         "its model files, settings or calibration samples differ from rank 0's: launch every "
+                         "rank with the same command on the same files", "comparing the ranks' settings")
+        return self.world.decide(lambda: self._load(resume), "reading the resume state")
+
+    def _load(self, resume: bool) -> dict[str, Any] | None:
         state_file = self.dir / "state.json"
         if not state_file.exists():
             shutil.rmtree(self.dir, ignore_errors=True)  # died before finishing a block: nothing to keep
@@ -69,34 +85,48 @@ class WorkState:
         return state
 
     def restore(self, state: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+        """(the finished blocks' packed tensors: rank 0's alone, {} on the others; this rank's inputs)."""
         from safetensors.torch import load_file
         packed: dict[str, dict[str, torch.Tensor]] = {}
-        for i in range(state["done"]):
+        for i in range(state["done"] if self.world.leader else 0):
             for key, t in load_file(self.dir / f"block-{i:04d}.safetensors").items():
                 name, sfx = key.rsplit(".", 1)
                 packed.setdefault(name, {})[sfx] = t
-        hidden = np.fromfile(self.dir / state["inputs"], dtype=np.float32)
-        return packed, torch.from_numpy(hidden.reshape(state["inputs_shape"]))
+        path = self.dir / state["inputs"][self.world.rank]
+        self.world.check(None if path.exists() else
+                         f"cannot resume: {path} is missing (each rank keeps its share of the resume state "
+                         "under --out; use a filesystem every node sees, or pass --no-resume)", "restoring the inputs")
+        hidden = np.fromfile(path, dtype=np.float32)
+        return packed, torch.from_numpy(hidden.reshape(state["inputs_shape"][self.world.rank]))
 
     def save(self, done: int, block_packed: dict[str, dict[str, torch.Tensor]], inps: torch.Tensor,
              rows: list[dict[str, Any]]) -> None:
         from safetensors.torch import save_file
         self.dir.mkdir(parents=True, exist_ok=True)
-        flat = {f"{n}.{s}": t.contiguous() for n, ts in block_packed.items() for s, t in ts.items()}
-        self._write(f"block-{done - 1:04d}.safetensors", lambda p: save_file(flat, p))
         # Raw fp32 bytes, written straight from the buffer: safetensors would first copy it in memory.
         assert inps.dtype == torch.float32 and inps.is_contiguous()
-        inputs = f"inputs-{done:04d}.f32"
+        inputs = f"inputs-{done:04d}.rank{self.world.rank}.f32"
         self._write(inputs, lambda p: _tofile(inps, p))
-        state = {"version": STATE_VERSION, "digest": self.digest, "key": self.key, "done": done,
-                 "inputs": inputs, "inputs_shape": list(inps.shape), "rows": rows}
-        self._write("state.json", lambda p: p.write_text(json.dumps(state)))  # json keeps inf
-        for old in self.dir.glob("inputs-*"):
+        shapes = self.world.gather(list(inps.shape), "saving the resume state")  # every rank's file is in place
+        if self.world.leader:
+            flat = {f"{n}.{s}": t.contiguous() for n, ts in block_packed.items() for s, t in ts.items()}
+            self._write(f"block-{done - 1:04d}.safetensors", lambda p: save_file(flat, p))
+            state = {"version": STATE_VERSION, "digest": self.digest, "key": self.key, "done": done,
+                     "inputs": [f"inputs-{done:04d}.rank{r}.f32" for r in range(self.world.size)],
+                     "inputs_shape": shapes, "rows": rows}
+            self._write("state.json", lambda p: p.write_text(json.dumps(state)))  # json keeps inf
+        self.world.roll_call("saving the resume state")  # state.json names the new files: the old can go
+        for old in self.dir.glob(f"inputs-*.rank{self.world.rank}.f32"):
             if old.name != inputs:
                 old.unlink()
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """After the checkpoint is written: rank 0 removes the folder, every other rank its own files."""
+        if self.world.leader:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            for f in self.dir.glob(f"inputs-*.rank{self.world.rank}.f32"):
+                f.unlink(missing_ok=True)
 
 
 def _tofile(t: torch.Tensor, path: Path) -> None:
@@ -116,13 +146,14 @@ def write_pieces(t: torch.Tensor, fh, step: int) -> None:
 
 
 def run_key(model_dir: Path, cfg: fmt.QuantConfig, calib: Calibration, method: str, batch_size: int,
-            ids: torch.Tensor | None) -> dict[str, Any]:
+            ids: torch.Tensor | None, world_size: int = 1) -> dict[str, Any]:
     """Everything the result depends on; a saved state is resumed only if all of it matches. The
-    device counts by its kind: a CPU and a GPU round differently."""
+    device counts by its kind (a CPU and a GPU round differently), the ranks by their number (each
+    holds its share of the inputs, and Hessians are summed in another order)."""
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.glob("*.safetensors"))
     calibration = dataclasses.asdict(calib)
     device = torch.device(calibration.pop("device")).type
     return {"model": str(model_dir.absolute()), "weights": [list(w) for w in weights],
             "config": cfg.to_dict(), "method": method, "calibration": calibration, "device": device,
-            "batch_size": batch_size,
+            "batch_size": batch_size, "world_size": world_size,
             "calibration_tokens": None if ids is None else hashlib.sha256(ids.numpy().tobytes()).hexdigest()}

@@ -277,9 +277,9 @@ def test_reused_child_outputs_give_the_same_checkpoint(arch, tiny_arch, tmp_path
 
 
 @pytest.mark.parametrize("forward_dtype", ["bf16", "fp32"])
-def test_hessian_gemms_keep_fp32_sums_and_restore_the_setting(forward_dtype):
-    """H accumulates in fp32 whatever GEMM mode the bf16 forwards allow (inputs may be read as bf16,
-    sums are not), and the global matmul setting is back as it was afterwards."""
+def test_hessian_gemms_keep_full_precision_sums_and_restore_the_setting(forward_dtype):
+    """H's GEMMs write fp32 (summed in fp64) whatever GEMM mode the bf16 forwards allow (inputs may be
+    read as bf16, sums are not), H is fp32, and the global matmul setting is back as it was afterwards."""
     from vllm_gptq_plugin.offline_quant.gptq import GPTQ
     torch.manual_seed(0)
     X = torch.randn(4096, 96) * torch.linspace(0.1, 4, 96) + torch.randn(96)  # correlated, offsets

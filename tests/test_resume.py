@@ -122,6 +122,6 @@ def test_fp_targets_resume_bit_identical(tiny_llama, tmp_path, monkeypatch):
         with pytest.raises(Crash):
             api.quantize(tiny_llama, out, api.QuantConfig(**cfg), **RUN)
     state = json.loads((tmp_path / "q.partial" / "state.json").read_text())
-    assert state["inputs_shape"][0] == 2
+    assert state["inputs_shape"][0][0] == 2  # rank 0 of 1: [paths, n, L, D]
     path = api.quantize(tiny_llama, out, api.QuantConfig(**cfg), **RUN)
     assert _weights(path) == _weights(ref)
