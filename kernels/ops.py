@@ -106,9 +106,9 @@ def _launch(tile, x2, weights, perm, bias, out, bits, group, k, n) -> torch.Tens
     kernel = gemv_kernel if tile.kernel == "gemv" else gemm_kernel
     kernel[(tiles, split_k)](
         x2, qweight, scales, zeros, g_idx, perm, out if bias is None else bias, out, ws, counters,
-        m, n, k, k_per_split, x2.stride(0),
+        m, n, k, k_per_split, split_k, x2.stride(0),
         BITS=bits, GROUP=group, HAS_PERM=perm.numel() > 0, HAS_BIAS=bias is not None,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=split_k,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, USE_SPLIT=split_k > 1,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
 

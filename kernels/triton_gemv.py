@@ -18,9 +18,9 @@ from .triton_weights import gather_dequant, group_scale_offset, load_q, load_x, 
 
 @triton.jit
 def gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr,
-                counters_ptr, M, N, K, K_PER_SPLIT, stride_xm,
+                counters_ptr, M, N, K, K_PER_SPLIT, SPLIT_K, stride_xm,
                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -41,5 +41,5 @@ def gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, perm_ptr, 
             s, o = group_scale_offset(scales_ptr, zeros_ptr, g, offs_n, N)
             part = tl.sum(x[:, :, None] * q.to(tl.float32)[None, :, :], axis=1)
             acc += part * s[None, :] + tl.sum(x, axis=1)[:, None] * o[None, :]
-    store_out(acc, out_ptr, ws_ptr, counters_ptr, bias_ptr, offs_m, offs_n, M, N, tile, pid_k,
-              SPLIT_K, HAS_BIAS)
+    store_out(acc, out_ptr, ws_ptr, counters_ptr, bias_ptr, offs_m, offs_n, M, N, tile, pid_k, SPLIT_K,
+              USE_SPLIT, HAS_BIAS)

@@ -156,15 +156,16 @@ def gather_dequant(q, scales_ptr, zeros_ptr, g_idx_ptr, offs_k, offs_n, K, N):
 
 
 @triton.jit
-def store_out(acc, out_ptr, ws_ptr, counters_ptr, bias_ptr, offs_m, offs_n, M, N, tile, pid_k,
-              SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Write a [BM, BN] fp32 tile of y (+ bias) in out's dtype. With SPLIT_K > 1 each K split stores
+def store_out(acc, out_ptr, ws_ptr, counters_ptr, bias_ptr, offs_m, offs_n, M, N, tile, pid_k, SPLIT_K,
+              USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Write a [BM, BN] fp32 tile of y (+ bias) in out's dtype. With USE_SPLIT (SPLIT_K > 1, a runtime
+    value so that one compiled kernel serves every split count) each K split stores
     its partial sums in its slab of ws [SPLIT_K, M, N]; the last split of the tile to arrive (counted
     on counters[tile]) adds the slabs in split order (the same sum whatever the arrival order), writes
     y and resets the counter. One launch, no memset, no second pass over y."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     offs = offs_m[:, None] * N + offs_n[None, :]
-    if SPLIT_K > 1:
+    if USE_SPLIT:
         tl.store(ws_ptr + pid_k * M * N + offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial sums are written before the count goes up
         arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel")

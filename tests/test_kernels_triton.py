@@ -179,6 +179,24 @@ def test_shipped_table_is_valid():
                 assert triton_tiles.check(tile, int(bucket), group, k, bits, 2, 232448, last) is None, (name, key)
 
 
+def test_tuner_writes_a_table_the_dispatch_then_follows(tmp_path, monkeypatch):
+    from vllm_gptq_plugin.kernels import triton_tune
+    out = tmp_path / "tiles.json"
+    assert triton_tune.main(["--quick", "--out", str(out), "--bits", "4", "--budget-s", "20"]) == 0
+    monkeypatch.setattr(triton_tiles, "TABLE", out)
+    triton_tiles._table.cache_clear()
+    triton_tiles.plan.cache_clear()
+    try:
+        name, sms, smem = triton_tiles.device_limits(torch.device(DEVICE))
+        entry = __import__("json").loads(out.read_text())["devices"][name]["layers"]["b4/g128/k256/n128"]
+        assert list(entry) == [str(b) for b in triton_tiles.BUCKETS]
+        p = triton_tiles.plan(name, sms, smem, 4, 128, 256, 128, 2)
+        assert [t.as_list() for t in p.tiles] == list(entry.values())
+    finally:
+        triton_tiles._table.cache_clear()
+        triton_tiles.plan.cache_clear()
+
+
 @pytest.mark.opt_in
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
 def test_larger_shape_matches_reference(bits):
