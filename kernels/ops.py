@@ -93,7 +93,7 @@ def _triton(x2: torch.Tensor, weights, bias, meta) -> torch.Tensor:
 def _launch(tile, x2, weights, perm, bias, out, bits, group, k, n) -> torch.Tensor:
     import triton
     from .triton_gemm import gemm_kernel
-    from .triton_gemv import gemv_kernel
+    from .triton_gemv import gemv_kernel, gemv_words_kernel
     qweight, scales, zeros, g_idx, _, counters = weights
     m = x2.shape[0]
     k_per_split = triton.cdiv(triton.cdiv(k, tile.split_k), tile.block_k) * tile.block_k
@@ -103,7 +103,7 @@ def _launch(tile, x2, weights, perm, bias, out, bits, group, k, n) -> torch.Tens
         raise RuntimeError(f"split-K counters hold {counters.numel()} tiles, this launch needs {tiles}: "
                            "prepare sized them for another plan")
     ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x2.device) if split_k > 1 else out
-    kernel = gemv_kernel if tile.kernel == "gemv" else gemm_kernel
+    kernel = {"gemv": gemv_kernel, "gemvw": gemv_words_kernel, "gemm": gemm_kernel}[tile.kernel]
     kernel[(tiles, split_k)](
         x2, qweight, scales, zeros, g_idx, perm, out if bias is None else bias, out, ws, counters,
         m, n, k, k_per_split, split_k, x2.stride(0),

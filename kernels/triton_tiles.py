@@ -8,7 +8,7 @@ up per call: no other per-call Python decides anything.
 
 Table format (JSON): {"version": 1, "devices": {<torch.cuda.get_device_name()>: {"meta": {...},
 "layers": {"b<bits>/g<group>/k<K>/n<N>": {"<bucket>": [kernel, BM, BN, BK, SPLIT_K, warps, stages]}}}}}
-with kernel "gemv" or "gemm" and group as in triton_weights (-1 one group, 0 gather). A layer absent from
+with kernel "gemv", "gemvw" (M = 1, words unpacked in registers) or "gemm" and group as in triton_weights (-1 one group, 0 gather). A layer absent from
 the table takes the entries of the nearest tuned shape with the same bits and group class (log-distance
 of K and N), then the rule of thumb. Entries that break a rule below are dropped with a warning.
 """
@@ -27,7 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 TABLE = Path(__file__).with_name("triton_tiles.json")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-KERNELS = ("gemv", "gemm")
+KERNELS = ("gemv", "gemvw", "gemm")
 # What a GPU without properties (Triton's interpreter) is taken to have.
 INTERPRETER_SMS, INTERPRETER_SMEM = 4, 101376
 
@@ -72,7 +72,7 @@ def smem_bytes(tile: Tile, bits: int, x_bytes: int) -> int:
     """An upper estimate of the shared memory Triton gives the tile: the pipelined loads (x's tile and
     the int32 words of the weight tile, two loads for 3-bit planes) per stage, the dequantized operand
     on its way to the tensor cores, and the fp32 accumulator's layout change in the epilogue."""
-    if tile.kernel == "gemv":
+    if tile.kernel in ("gemv", "gemvw"):
         return tile.block_m * tile.block_n * 4
     words = (2 if bits == 3 else 1) * tile.block_k * tile.block_n * 4
     per_stage = tile.block_m * tile.block_k * x_bytes + words
@@ -90,6 +90,9 @@ def check(tile: Tile, bucket: int, group: int, k: int, bits: int, x_bytes: int, 
         return f"block sizes must be powers of two, found {sizes}"
     if tile.kernel == "gemm" and min(sizes) < 16:
         return "tl.dot needs blocks of at least 16"
+    if tile.kernel == "gemvw" and (bucket != 1 or tile.block_m != 1 or bits == 3 or group == 0
+                                   or tile.block_k < 32 // bits):
+        return "gemvw serves M = 1 of 2/4/8-bit layers outside gather mode, BLOCK_K >= one word"
     if group > 0 and group % tile.block_k:
         return f"BLOCK_K={tile.block_k} does not divide the group size {group}"
     if tile.split_k < 1 or (tile.split_k > 1 and last):

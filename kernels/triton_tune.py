@@ -86,8 +86,9 @@ def time_tile(tile: Tile, ws, x: torch.Tensor) -> float:
 
 def neighbours(tile: Tile, bucket: int) -> list[Tile]:
     r = dataclasses.replace
-    out = [r(tile, kernel="gemm", block_m=16) if tile.kernel == "gemv" else
-           r(tile, kernel="gemv", block_m=min(bucket, 4), num_stages=1)] if bucket <= 4 else []
+    out = [r(tile, kernel=kind, block_m=bm, num_stages=stages) for kind, bm, stages in
+           (("gemm", 16, 3), ("gemv", min(bucket, 4), 1), ("gemvw", 1, 1))
+           if bucket <= 4 and kind != tile.kernel]
     for f, values in (("block_n", (32, 64, 128, 256)), ("block_k", (32, 64, 128, 256)),
                       ("split_k", (1, 2, 4, 8, 16, 32)), ("num_warps", (2, 4, 8)), ("num_stages", (1, 2, 3, 4, 5)),
                       ("block_m", (16, 32, 64, 128, 256))):

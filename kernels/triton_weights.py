@@ -135,6 +135,19 @@ def load_q(qweight_ptr, offs_k, offs_n, K, N, BITS: tl.constexpr):
 
 
 @triton.jit
+def load_q_words(qweight_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same tile (2, 4 or 8 bits) as [BLOCK_K / (32/b), 32/b, BN]: q[k0 + r * 32/b + j, n] at
+    [r, j, n]. Each word is loaded once and unpacked by 32/b shifts in registers."""
+    per_word: tl.constexpr = 32 // BITS
+    rows = k0 // per_word + tl.arange(0, BLOCK_K // per_word)
+    words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
+                    mask=(rows < K // per_word)[:, None] & (offs_n < N)[None, :], other=0,
+                    eviction_policy="evict_first")
+    shifts = tl.arange(0, per_word) * BITS
+    return (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+
+
+@triton.jit
 def group_scale_offset(scales_ptr, zeros_ptr, g, offs_n, N):
     """fp32 s[g, n] and o[g, n] = -s * z for one group row: W = s * q + o."""
     mask_n = offs_n < N

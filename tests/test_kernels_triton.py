@@ -59,20 +59,33 @@ def test_dispatch_matches_reference(bits, group_size, act_order, sym, checkpoint
             ref.assert_close(gptq_gemm(x, w), ref.linear(x, t, bits, checkpoint_format), dtype)
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+@pytest.mark.parametrize("kernel,mode", [("gemv", "permute"), ("gemv", "gather"), ("gemm", "permute"),
+                                         ("gemm", "gather"), ("gemvw", "permute")])  # gemvw: no gather mode
 @pytest.mark.parametrize("split_k", [1, 3, 4])
-@pytest.mark.parametrize("mode", ["permute", "gather"])
 def test_each_kernel_with_split_k_and_bias(kernel, split_k, mode):
     n, k, bits = 64, 512, 4  # split 3: the last split is shorter than the others
     t = layer(n, k, bits, 64, act=True, fmt_="gptq_v2", seed=7)
     w = prepare(**t, bits=bits, checkpoint_format="gptq_v2", dtype=torch.float32, backend="triton",
                 act_order_mode=mode)
     bias = torch.randn(n, device=DEVICE)
-    tile = Tile(kernel, 2 if kernel == "gemv" else 16, 32, 64, split_k, 4, 2)
-    x = torch.randn(2, 5, k, device=DEVICE)  # leading dims are flattened
+    tile = Tile(kernel, {"gemv": 2, "gemvw": 1, "gemm": 16}[kernel], 32, 64, split_k, 4, 2)
+    x = torch.randn(*((1,) if kernel == "gemvw" else (2, 5)), k, device=DEVICE)  # leading dims flattened
     y = run_tile(x, w, tile, bias)
     ref.assert_close(y, ref.linear(x.reshape(-1, k), t, bits, "gptq_v2", bias), torch.float32)
     assert torch.equal(run_tile(x, w, tile, bias), y), "split-K sums in a fixed order: same bits every call"
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("group_size", (-1, 32, 128))
+def test_words_gemv_every_width_and_group(bits, group_size):
+    n, k = 96, 256
+    t = layer(n, k, bits, group_size, act=group_size == 32, seed=bits + group_size)
+    w = prepare(**t, bits=bits, dtype=torch.float16, backend="triton")
+    for dtype in GEMV_DTYPES:
+        x = torch.randn(1, k, device=DEVICE).to(dtype)
+        for split in (1, 2):
+            y = run_tile(x, w, Tile("gemvw", 1, 64, 32, split, 4, 1))
+            ref.assert_close(y, ref.linear(x, t, bits), dtype)
 
 
 def test_tp_shard_g_idx_into_full_scales_falls_back_to_gather():
@@ -133,6 +146,7 @@ def test_tiles_over_the_shared_memory_limit_are_refused_and_shrunk():
     (Tile("gemv", 1, 96, 32, 1, 4, 1), "powers of two"),
     (Tile("gemm", 16, 64, 32, 4, 4, 2), "bounded bucket"),
     (Tile("warp", 16, 64, 32, 1, 4, 2), "unknown kernel"),
+    (Tile("gemvw", 1, 64, 32, 1, 4, 1), "gemvw serves M = 1"),   # bucket 4096, not 1
 ])
 def test_bad_tiles_are_refused_with_a_reason(tile, why):
     assert why in triton_tiles.check(tile, 4096, 64, 4096, 4, 2, H200[2], last=True)
