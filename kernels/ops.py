@@ -73,7 +73,8 @@ def _triton(x2: torch.Tensor, weights, bias, meta) -> torch.Tensor:
     m = x2.shape[0]
     tile = triton_tiles.plan(*triton_tiles.device_limits(x2.device), bits, group, k, n,
                              x2.element_size()).tile(m)
-    tile = _FALLBACK.get((tile, bits, group, x2.dtype), tile)
+    if _FALLBACK:
+        tile = _FALLBACK.get((tile, bits, group, x2.dtype), tile)
     if perm.numel() and m > PERM_IN_KERNEL_MAX_M:
         x2, perm = x2.index_select(1, perm), perm[:0]
     if x2.stride(-1) != 1:

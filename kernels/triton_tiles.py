@@ -165,8 +165,10 @@ def _parse_key(name: str) -> tuple[int, int, int, int]:
     return int(b[1:]), int(g[1:]), int(k[1:]), int(n[1:])
 
 
+@functools.cache
 def device_limits(device: torch.device) -> tuple[str, int, int]:
-    """(name, SMs, shared memory per block) of the device the kernels launch on."""
+    """(name, SMs, shared memory per block) of the device the kernels launch on (asked once per
+    device: get_device_properties costs microseconds a call)."""
     if device.type != "cuda":
         return "interpreter", INTERPRETER_SMS, INTERPRETER_SMEM
     props = torch.cuda.get_device_properties(device)
