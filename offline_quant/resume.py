@@ -1,5 +1,6 @@
-"""Resume: after each block, the finished blocks' packed tensors, the next block's inputs and the report
-so far go to `<out>.partial/` (each file written to a temporary name and renamed; the state file last).
+"""Resume: after finished blocks (each one on small models, see WorkState.block_done), their packed
+tensors, the next block's inputs and the report so far go to `<out>.partial/` (each file written to a
+temporary name and renamed; the state file last).
 Rerunning the same command continues from there and writes a bit-identical model.safetensors;
 different settings refuse to resume. A distributed run resumes with the same number of ranks."""
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +25,7 @@ from vllm_gptq_plugin.offline_quant.distributed import World
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
+SAVE_TIME_RATIO = 20  # compute time between resume saves, in multiples of a save's own time
 
 
 class WorkState:
@@ -39,6 +42,9 @@ class WorkState:
         self.key = json.loads(json.dumps(key))  # as state.json will hold it (tuples become lists)
         self.digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.world = world
+        self.pending: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # finished blocks not saved yet
+        self.last_save: tuple[float, float] | None = None  # (seconds it took, clock() when it ended)
+        self.clock = time.perf_counter
 
     def _write(self, fname: str, writer: Callable[[Path], None]) -> None:
         tmp = self.dir / f".{fname}.tmp"
@@ -99,8 +105,28 @@ class WorkState:
         hidden = np.fromfile(path, dtype=np.float32)
         return packed, torch.from_numpy(hidden.reshape(state["inputs_shape"][self.world.rank]))
 
-    def save(self, done: int, block_packed: dict[str, dict[str, torch.Tensor]], inps: torch.Tensor,
+    def block_done(self, done: int, block_packed: dict[str, dict[str, torch.Tensor]], inps: torch.Tensor,
+                   rows: list[dict[str, Any]]) -> None:
+        """Block done - 1 is quantized and inps hold block done's inputs: save the state if it is due.
+
+        Due after the first block, then whenever the time since the last save is at least
+        SAVE_TIME_RATIO times what that save took: on a small model every block; on a big one on a GPU,
+        where a block's inputs are gigabytes and a block takes seconds, often enough that a killed run
+        loses little and the saves cost at most ~1/SAVE_TIME_RATIO of the run. Rank 0 decides for all.
+        """
+        self.pending[done - 1] = block_packed
+        due = self.world.decide(lambda: self.last_save is None or
+                                self.clock() - self.last_save[1] >= SAVE_TIME_RATIO * self.last_save[0],
+                                "deciding whether to save the resume state")
+        if due:
+            t0 = self.clock()
+            self.save(done, self.pending, inps, rows)
+            self.pending = {}
+            self.last_save = (self.clock() - t0, self.clock())
+
+    def save(self, done: int, pending: dict[int, dict[str, dict[str, torch.Tensor]]], inps: torch.Tensor,
              rows: list[dict[str, Any]]) -> None:
+        """Write the blocks in `pending` ({block index: packed tensors}) and the state after block done - 1."""
         from safetensors.torch import save_file
         self.dir.mkdir(parents=True, exist_ok=True)
         # Raw fp32 bytes, written straight from the buffer: safetensors would first copy it in memory.
@@ -109,8 +135,9 @@ class WorkState:
         self._write(inputs, lambda p: _tofile(inps, p))
         shapes = self.world.gather(list(inps.shape), "saving the resume state")  # every rank's file is in place
         if self.world.leader:
-            flat = {f"{n}.{s}": t.contiguous() for n, ts in block_packed.items() for s, t in ts.items()}
-            self._write(f"block-{done - 1:04d}.safetensors", lambda p: save_file(flat, p))
+            for i, block_packed in pending.items():
+                flat = {f"{n}.{s}": t.contiguous() for n, ts in block_packed.items() for s, t in ts.items()}
+                self._write(f"block-{i:04d}.safetensors", lambda p: save_file(flat, p))
             state = {"version": STATE_VERSION, "digest": self.digest, "key": self.key, "done": done,
                      "inputs": [f"inputs-{done:04d}.rank{r}.f32" for r in range(self.world.size)],
                      "inputs_shape": shapes, "rows": rows}

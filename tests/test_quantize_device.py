@@ -1,8 +1,11 @@
 """--device: every tensor the quantizer makes lands on the device of its inputs (checked on CPU by making
 "meta" the default device: a tensor created without device= would land there and fail), the
 activations may live apart from the compute device, one clear error for --device cuda without a
-GPU, the GPU settings of the forward and Hessian contexts; and, on a GPU only (opt-in), a CUDA run
-agreeing with a CPU run of the same model and calibration."""
+GPU, the GPU settings of the forward and Hessian contexts; and, on a GPU only (marker gpu), a CUDA
+run agreeing with a CPU run of the same model and calibration.
+
+The model is a tiny Llama with a word-level tokenizer and random-word calibration text, so that this
+file also runs on a GPU machine that has no downloaded tokenizer or corpus (scripts/gpu_check.sh)."""
 import copy
 import json
 
@@ -12,12 +15,21 @@ import torch
 from safetensors.torch import load_file
 
 from vllm_gptq_plugin import cli, format as fmt
-from vllm_gptq_plugin.offline_quant import api, block as blk, devices, grid, model_io, resume, rtn, tracing
+from vllm_gptq_plugin.offline_quant import api, block as blk, devices, grid, model_io, models, resume, rtn, tracing
 from vllm_gptq_plugin.offline_quant.calibration import Calibration
 from vllm_gptq_plugin.offline_quant.gptq import GPTQ
 from vllm_gptq_plugin.offline_quant.memo import ChildMemo
 
 RUN = dict(nsamples=8, seqlen=32, threads=1, progress=False, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """(model folder, calibration text file): nothing downloaded."""
+    root = tmp_path_factory.mktemp("wordlevel")
+    config = dict(models.TINY_CONFIGS["llama"], vocab_size=1024)
+    return (models.random_causal_lm(root / "llama", config, torch.float32, decisive=True),
+            models.random_words(root / "calib.txt", 1024, 16 * 128 * 2))
 
 
 def _quantize_block(model, cfg, ids):
@@ -44,12 +56,12 @@ def _quantize_block(model, cfg, ids):
 
 
 @pytest.mark.parametrize("meta", [{"mse": True, "fp_targets": True}, {"refine_scales": True}])
-def test_block_quantization_creates_every_tensor_on_its_inputs_device(tiny_llama, meta):
+def test_block_quantization_creates_every_tensor_on_its_inputs_device(tiny_model, meta):
     """Under torch.device("meta") every factory call without device= makes a meta tensor, which fails
     as soon as it meets a CPU tensor (fp16_ceil's torch.tensor(inf) and the MSE search's shrink
     factors did): the whole block path (forwards, ChildMemo, Hessians, the solve, packing) runs and
     gives the very same checkpoint tensors and next-block inputs."""
-    model, _ = model_io.load_causal_lm(tiny_llama)
+    model, _ = model_io.load_causal_lm(tiny_model[0])
     ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
     cfg = fmt.QuantConfig(bits=3, group_size=32, desc_act=True, sym="refine_scales" in meta, meta=meta)
     ref_packed, ref_acts = _quantize_block(model, cfg, ids)
@@ -85,33 +97,36 @@ def test_solve_corner_cases_create_every_tensor_on_the_inputs_device():
         assert all(t.device.type == "cpu" for t in (*grid_params, *rtn_q))
 
 
-def test_activations_kept_apart_from_the_compute_device_give_the_same_checkpoint(tiny_llama, tmp_path,
+def test_activations_kept_apart_from_the_compute_device_give_the_same_checkpoint(tiny_model, tmp_path,
                                                                                   monkeypatch):
     """As on a GPU (or with --offload-activations) the blocks run on copies of the stored activations:
     every result must be written back to the store, never left in a fetched copy. A CPU run where
     fetch() always copies writes the same bytes, lm_head and the fp-target path included."""
     cfg = api.QuantConfig(bits=4, group_size=32, lm_head=True, meta={"fp_targets": True, "mse": True})
-    same = api.quantize(tiny_llama, tmp_path / "same", cfg, **RUN)
+    model, text = tiny_model
+    same = api.quantize(model, tmp_path / "same", cfg, calib=text, **RUN)
     monkeypatch.setattr(devices.Placement, "fetch", lambda self, t: t.clone())
-    apart = api.quantize(tiny_llama, tmp_path / "apart", cfg, **RUN, offload_activations=True)
+    apart = api.quantize(model, tmp_path / "apart", cfg, calib=text, **RUN, offload_activations=True)
     assert (same / fmt.WEIGHTS_FILE).read_bytes() == (apart / fmt.WEIGHTS_FILE).read_bytes()
 
 
-def test_cuda_without_a_gpu_is_one_clear_error(tiny_llama, tmp_path, capsys, monkeypatch):
+def test_cuda_without_a_gpu_is_one_clear_error(tiny_model, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also where a GPU is present
+    model, text = tiny_model
     out = tmp_path / "q"
-    rc = cli.main(["quantize", "--model", str(tiny_llama), "--out", str(out), "--device", "cuda",
+    rc = cli.main(["quantize", "--model", str(model), "--out", str(out), "--device", "cuda", "--calib", str(text),
                    "--nsamples", "4", "--seqlen", "32", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "--device cuda: torch sees no CUDA GPU" in err and "pass --device cpu" in err, err
     assert not out.exists() and not (tmp_path / "q.partial").exists()
     with pytest.raises(fmt.FormatError, match="unknown device 'tpu'"):
-        api.quantize(tiny_llama, out, device="tpu", **RUN)
+        api.quantize(model, out, device="tpu", calib=text, **RUN)
 
 
-def test_auto_without_a_gpu_runs_on_the_cpu_and_reports_no_gpu_peak(tiny_llama, tmp_path, monkeypatch):
+def test_auto_without_a_gpu_runs_on_the_cpu_and_reports_no_gpu_peak(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    path = api.quantize(tiny_llama, tmp_path / "q", api.QuantConfig(bits=4, group_size=64), **RUN)
+    model, text = tiny_model
+    path = api.quantize(model, tmp_path / "q", api.QuantConfig(bits=4, group_size=64), calib=text, **RUN)
     rep = json.loads((path / "quant_report.json").read_text())
     assert rep["calibration"]["device"] == "cpu"
     assert "peak_gpu_mb" in rep and rep["peak_gpu_mb"] is None and rep["peak_rss_mb"] > 0
@@ -140,31 +155,48 @@ def test_resume_inputs_written_in_pieces_are_the_same_bytes(tmp_path):
     assert np.array_equal(np.fromfile(tmp_path / "pieces", dtype=np.float32).reshape(t.shape), t.numpy())
 
 
-# --- on a GPU (opt-in: pytest --run-opt-in where torch sees one) ------------------------------------
+# --- on a GPU (marker gpu: skipped with that reason elsewhere; scripts/gpu_check.sh runs it) ------
 
-@pytest.mark.opt_in
-def test_cuda_checkpoint_agrees_with_cpu_and_loads_on_cpu(tiny_llama, tmp_path):
-    """Issue 16: the same model and calibration on a GPU and on the CPU: layer losses within 1%, the
-    same codes for >= 99% of weights (summation orders differ); the GPU's checkpoint loads on the CPU."""
-    if not torch.cuda.is_available():
-        pytest.fail("this test needs a CUDA GPU: run it where torch.cuda.is_available() is True")
+def _codes_and_losses(one, two) -> tuple[float, float]:
+    """(fraction of the two checkpoints' 4-bit codes that agree, largest relative layer-loss difference)."""
+    a, b = load_file(one / fmt.WEIGHTS_FILE), load_file(two / fmt.WEIGHTS_FILE)
+    same = total = 0
+    for k in (k for k in a if k.endswith(".qweight")):
+        x, y = fmt.unpack(a[k], 4), fmt.unpack(b[k], 4)
+        same, total = same + int((x == y).sum()), total + x.numel()
+    rows = [json.loads((p / "quant_report.json").read_text())["layers"] for p in (one, two)]
+    assert [r["name"] for r in rows[0]] == [r["name"] for r in rows[1]]
+    return same / total, max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(*rows))
+
+
+def _kl_to_fp(path, fp, ids) -> float:
+    with torch.no_grad():
+        p = torch.log_softmax(fp(input_ids=ids).logits.float(), -1)
+        q = torch.log_softmax(api.load(path)(input_ids=ids).logits.float(), -1)
+    return float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean())
+
+
+@pytest.mark.gpu
+def test_cuda_checkpoint_agrees_with_cpu_and_loads_on_cpu(tiny_model, tmp_path):
+    """Issue 16, on the same model and calibration: with fp32 forwards, where the CPU and the GPU differ
+    only in summation order, layer losses within 1% and the same codes for >= 99% of weights. With the
+    defaults (bf16 forwards, TF32 Hessian products on the GPU, ~fp32 ones on the CPU) the codes may
+    part ways after a first rounding flip: there the GPU's checkpoint must be as close to the fp model
+    as the CPU's. Every GPU checkpoint loads and generates on the CPU."""
+    model, text = tiny_model
     run = dict(RUN, nsamples=16, seqlen=128, batch_size=4)
     cfg = api.QuantConfig(bits=4, group_size=32, meta={"fp_targets": True, "mse": True})
-    on = {d: api.quantize(tiny_llama, tmp_path / d, cfg, **run, device=d) for d in ("cpu", "cuda")}
-    reports = {d: json.loads((p / "quant_report.json").read_text()) for d, p in on.items()}
-    assert reports["cuda"]["peak_gpu_mb"] > 0 and reports["cpu"]["peak_gpu_mb"] is None
-    for a, b in zip(reports["cpu"]["layers"], reports["cuda"]["layers"]):
-        assert a["name"] == b["name"] and b["loss"] == pytest.approx(a["loss"], rel=0.01), (a, b)
-    codes = {d: load_file(p / fmt.WEIGHTS_FILE) for d, p in on.items()}
-    qweights = [k for k in codes["cpu"] if k.endswith(".qweight")]
-    bits = 4
-    same = total = 0
-    for k in qweights:
-        a, b = (fmt.unpack(codes[d][k], bits) for d in ("cpu", "cuda"))
-        same, total = same + int((a == b).sum()), total + a.numel()
-    assert same / total >= 0.99, same / total
-    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    out = {(d, f): api.quantize(model, tmp_path / f"{d}-{f}", cfg, calib=text, **run, device=d, forward_dtype=f)
+           for d in ("cpu", "cuda") for f in ("fp32", "bf16")}
+    rep = json.loads((out["cuda", "bf16"] / "quant_report.json").read_text())
+    assert rep["peak_gpu_mb"] > 0 and rep["calibration"]["device"].startswith("cuda")
+    assert rep["peak_gpu_mb"] <= rep["memory"]["gpu_bound_mb"], rep["memory"]
+    same, loss_diff = _codes_and_losses(out["cpu", "fp32"], out["cuda", "fp32"])
+    assert same >= 0.99 and loss_diff <= 0.01, (same, loss_diff)
+    ids = torch.randint(3, 1024, (4, 64), generator=torch.Generator().manual_seed(1))
+    fp = api.load(model)
+    kl_cpu, kl_gpu = _kl_to_fp(out["cpu", "bf16"], fp, ids), _kl_to_fp(out["cuda", "bf16"], fp, ids)
+    assert 0 < kl_gpu <= 1.2 * kl_cpu, (kl_gpu, kl_cpu)
     with torch.no_grad():
-        logits = {d: api.load(p)(input_ids=ids).logits for d, p in on.items()}
-    assert torch.isfinite(logits["cuda"]).all()
-    assert (logits["cuda"].argmax(-1) == logits["cpu"].argmax(-1)).float().mean() >= 0.9
+        tokens = api.load(out["cuda", "bf16"]).generate(ids[:1, :16], max_new_tokens=8, do_sample=False)
+    assert tokens.shape == (1, 24)

@@ -125,3 +125,22 @@ def test_fp_targets_resume_bit_identical(tiny_llama, tmp_path, monkeypatch):
     assert state["inputs_shape"][0][0] == 2  # rank 0 of 1: [paths, n, L, D]
     path = api.quantize(tiny_llama, out, api.QuantConfig(**cfg), **RUN)
     assert _weights(path) == _weights(ref)
+
+
+def test_saves_are_spaced_by_their_own_cost(tmp_path, monkeypatch):
+    """After the first block, a save that took 1 s comes again only after 20 s of blocks, with every
+    block finished since: on a GPU a block's inputs are gigabytes, and saving them after each block
+    would cost more than the block."""
+    saved, clock = [], [0.0]
+
+    def save(self, done, pending, inps, rows):
+        saved.append((done, sorted(pending)))
+        clock[0] += 1.0  # each save takes 1 s
+    monkeypatch.setattr(WorkState, "save", save)
+    work = WorkState(tmp_path / "q", {})
+    work.clock = lambda: clock[0]
+    for done in range(1, 31):
+        clock[0] += 3.0  # each block takes 3 s
+        work.block_done(done, {f"layer{done - 1}": {}}, None, [])
+    assert [d for d, _ in saved] == [1, 8, 15, 22, 29]  # 7 blocks = 21 s >= 20 x 1 s
+    assert saved[0][1] == [0] and saved[1][1] == list(range(1, 8)) and work.pending.keys() == {29}
