@@ -71,11 +71,14 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
         raise fmt.FormatError(f"{ranks} ranks but {calib.nsamples} calibration samples: each rank needs at "
                               f"least one; pass --nsamples {ranks} or more, or launch fewer ranks")
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if ranks > 1 else None
-    calib = dataclasses.replace(calib, device=str(devices.resolve(calib.device, local_rank)))
-    world = distributed.join(torch.device(calib.device).type, dist_timeout)
+    device = devices.resolve(calib.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # what code that does not name a device (libraries) then uses
+    calib = dataclasses.replace(calib, device=str(device))
+    world = distributed.join(device.type, dist_timeout)
     try:
         return _quantize_model(model_dir, out, cfg, calib, resume, overwrite, batch_size, threads, progress,
-                               devices.Placement(torch.device(calib.device), offload_activations), world)
+                               devices.Placement(device, offload_activations), world)
     finally:
         world.close()
 
