@@ -140,12 +140,68 @@ LAYER = "model.layers.0.self_attn.q_proj"
      rf"{LAYER}.scales: expected shape \[2, 128\].*found \[1, 128\]"),
     (lambda t: t.__setitem__(f"{LAYER}.scales", t[f"{LAYER}.scales"].float()),
      f"{LAYER}.scales: expected dtype torch.float16, found torch.float32"),
-    (lambda t: t.__setitem__(f"{LAYER}.g_idx", t[f"{LAYER}.g_idx"] + 5), rf"{LAYER}.g_idx: values must lie in \[0, 2\)"),
+    (lambda t: t.__setitem__(f"{LAYER}.g_idx", t[f"{LAYER}.g_idx"] + 5), rf"{LAYER}.g_idx holds values in \[5, 6\], outside the layer's 2 groups \[0, 2\)"),
+    (lambda t: t[f"{LAYER}.scales"].__setitem__((1, 7), float("nan")), rf"{LAYER}.scales holds nan at \[1, 7\].*must be finite"),
+    (lambda t: t[f"{LAYER}.scales"].__setitem__((0, 0), float("-inf")), rf"{LAYER}.scales holds -inf at \[0, 0\]"),
+    (lambda t: t.__setitem__(f"{LAYER}.qzeros", fmt.pack(torch.arange(256).reshape(2, 128) % 16, 4, dim=1)),
+     rf"{LAYER}.qzeros: a symmetric 4-bit checkpoint in format 'gptq' must store zero 7, found 0; its zero points vary"),
 ])
 def test_validate_names_the_broken_tensor(rtn_ckpt, tmp_path, edit, message):
     bad = copy_ckpt(rtn_ckpt, tmp_path / "bad", edit_tensors=edit)
-    with pytest.raises(fmt.FormatError, match=message):
+    with pytest.raises(fmt.FormatError, match=message) as e:
         fmt.validate(bad)
+    assert str(e.value).startswith(f"{bad / fmt.WEIGHTS_FILE}: ") and "\n" not in str(e.value)
+
+
+def _raw(file):
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _rewrite(file, header, data):
+    text = json.dumps(header).encode()
+    file.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def _truncate(file, header, data):
+    file.write_bytes(file.read_bytes()[:-100])
+
+
+def _past_the_end(file, header, data):
+    header[f"{LAYER}.scales"]["data_offsets"] = [len(data), len(data) + 512]
+    _rewrite(file, header, data)
+
+
+def _size_disagrees_with_shape(file, header, data):
+    header[f"{LAYER}.scales"]["shape"] = [3, 128]
+    _rewrite(file, header, data)
+
+
+def _trailing_bytes(file, header, data):
+    _rewrite(file, header, data + bytes(64))
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (_truncate, r"is truncated, 100 bytes short: tensor \S+ needs bytes"),
+    (lambda f, h, d: f.write_bytes(f.read_bytes()[:5]), r"it is truncated \(5 bytes, too short for the 8-byte header length\)"),
+    (_past_the_end, rf"header places tensor {LAYER}.scales at bytes \[\d+, \d+\), past the end of the \d+-byte data section"),
+    (_size_disagrees_with_shape, rf"header gives tensor {LAYER}.scales 512 bytes, but F16 \[3, 128\] needs 768"),
+    (_trailing_bytes, "64 bytes follow the last tensor its header describes"),
+])
+def test_corrupt_safetensors_file_is_named_with_the_tensor(rtn_ckpt, tmp_path, corrupt, message):
+    """Header and size checks (no tensor data read) refuse a file safetensors would refuse, saying where."""
+    bad = copy_ckpt(rtn_ckpt, tmp_path / "bad")
+    file = bad / fmt.WEIGHTS_FILE
+    corrupt(file, *_raw(file))
+    with pytest.raises(fmt.FormatError, match=message) as e:
+        fmt.read_headers(bad)
+    assert str(e.value).startswith(f"{file} is not a readable safetensors file: ")
+    with pytest.raises(fmt.FormatError, match=message):
+        fmt.validate(bad)  # what `vllm-gptq inspect` runs
+    from safetensors.torch import load_file
+    with pytest.raises(Exception):  # the reference: safetensors itself refuses every one of these files
+        load_file(file)
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -153,7 +209,7 @@ def test_validate_names_the_broken_tensor(rtn_ckpt, tmp_path, edit, message):
     (lambda c: c.update(group_size=48), "group_size=48 is not supported"),
     (lambda c: c.update(checkpoint_format="marlin"), "unknown checkpoint_format 'marlin'"),
     (lambda c: c.update(quant_method="awq"), "quant_method 'awq' is not GPTQ"),
-    (lambda c: c.update(checkpoint_format="gptq_v2"), "must store zero 8, found 7.*declared checkpoint_format"),
+    (lambda c: c.update(checkpoint_format="gptq_v2"), "must store zero 8, found 7; the file is format .gptq.: fix checkpoint_format"),
     (lambda c: c.update(bits=8), r"down_proj.qweight: expected shape \[64, 128\] for a 128x256 layer at 8 bits.*found \[32, 128\]"),
 ])
 def test_validate_rejects_config_contradictions(rtn_ckpt, tmp_path, edit, message):

@@ -280,10 +280,70 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+# Bytes per element of the safetensors dtype names (a header's data_offsets must agree with the shape).
+_SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+                            "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def read_header(file: Path) -> dict[str, dict[str, Any]]:
+    """The tensors a safetensors file declares ({name: {dtype, shape, data_offsets}}), checked against
+    the file's size the way the safetensors loader will check them, but with a message naming the
+    tensor. Reads the header and stats the file: no tensor data.
+
+    The tensors, in offset order, must tile the data section exactly, each taking numel * dtype-size
+    bytes. A file cut short ends inside (or before) the last tensors' bytes.
+    """
+    unreadable = f"{file} is not a readable safetensors file"
+    fix = "copy the file again or re-create the checkpoint"
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None or 8 + n > size:
+            raise FormatError(f"{unreadable}: it is truncated ({size} bytes, too short for the "
+                              f"{'8-byte header length' if n is None else f'{n}-byte header'}); {fix}")
+        try:
+            header = json.loads(fh.read(n))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            spans = sorted((int(v["data_offsets"][0]), int(v["data_offsets"][1]), k) for k, v in tensors.items())
+            numels = {k: math.prod(int(d) for d in v["shape"]) for k, v in tensors.items()}
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise FormatError(f"{unreadable}: its header is not safetensors JSON ({e!r}); {fix}") from e
+    data = size - 8 - n
+    ends = [0] + [stop for _, stop, _ in spans]
+    gaps = [(name, start, end) for (start, _, name), end in zip(spans, ends) if start != end]
+    for start, stop, name in spans:  # each tensor alone: its size, and inside the file
+        dtype, shape = tensors[name]["dtype"], tensors[name]["shape"]
+        itemsize = _SAFETENSORS_DTYPE_BYTES.get(dtype)  # None: a dtype newer than this table, unchecked
+        if itemsize is not None and stop - start != numels[name] * itemsize:
+            raise FormatError(f"{unreadable}: its header gives tensor {name} {stop - start} bytes, but "
+                              f"{dtype} {shape} needs {numels[name] * itemsize}; {fix}")
+        if stop > data and not gaps:  # a consistent header over a short file
+            raise FormatError(f"{unreadable}: it is truncated, {spans[-1][1] - data} bytes short: tensor "
+                              f"{name} needs bytes [{start}, {stop}) of a data section that has {data}; {fix}")
+        if stop > data:
+            raise FormatError(f"{unreadable}: its header places tensor {name} at bytes [{start}, {stop}), "
+                              f"past the end of the {data}-byte data section; {fix}")
+    for name, start, end in gaps[:1]:  # together, in offset order, they must tile the data section
+        raise FormatError(f"{unreadable}: its header places tensor {name} at byte {start}, but the "
+                          f"previous tensor ends at {end} (tensors must not overlap or leave gaps); {fix}")
+    if ends[-1] != data:
+        raise FormatError(f"{unreadable}: {data - ends[-1]} bytes follow the last tensor its header "
+                          f"describes (the header and the data disagree); {fix}")
+    return tensors
+
+
+def read_headers(path: str | os.PathLike) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """{tensor name: (file, header entry)} of every weight file of checkpoint `path`, each checked by
+    `read_header`."""
+    return {name: (f, info) for f in weight_files(Path(path)) for name, info in read_header(f).items()}
+
+
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     out: dict[str, torch.Tensor] = {}
     for f in weight_files(Path(path)):
+        read_header(f)  # a short or inconsistent file: a message naming the tensor, not safetensors' code
         try:
             out.update(load_file(f))
         except Exception as e:  # safetensors raises its own error types for truncated headers
@@ -325,6 +385,42 @@ def linear_shapes(path: Path) -> dict[str, tuple[int, int]] | None:
             if isinstance(m, torch.nn.Linear)}
 
 
+def sym_stored_zero(bits: int, checkpoint_format: str) -> int:
+    """The zero point a symmetric checkpoint stores: 2^(b-1), minus 1 in v1."""
+    return (1 << (bits - 1)) - zero_offset(checkpoint_format)
+
+
+def check_layer_values(name: str, where: str | os.PathLike, scales: torch.Tensor, qzeros: torch.Tensor,
+                       g_idx: torch.Tensor, groups: int, bits: int, sym: bool, checkpoint_format: str,
+                       g_idx_hint: str = "") -> None:
+    """What headers cannot show, one pass over each of the layer's small tensors (never qweight):
+    finite scales, g_idx in [0, groups), and, where the config says sym, the symmetric zero point in
+    every qzeros word. Raises FormatError naming the file `where`, the tensor and the fix."""
+    bad = ~torch.isfinite(scales)
+    if bool(bad.any()):
+        g, n = (int(i) for i in bad.nonzero()[0])
+        raise FormatError(f"{where}: tensor {name}.scales holds {float(scales[g, n])} at [{g}, {n}] "
+                          f"({int(bad.sum())} non-finite values): scales must be finite; the checkpoint "
+                          "is corrupt, re-create it")
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise FormatError(f"{where}: tensor {name}.g_idx holds values in [{int(g_idx.min())}, "
+                          f"{int(g_idx.max())}], outside the layer's {groups} groups [0, {groups})"
+                          f"{g_idx_hint or ': the checkpoint is corrupt, re-create it'}")
+    if sym:
+        # Compare packed words with the one valid word pattern: no unpacking unless it is wrong.
+        want = sym_stored_zero(bits, checkpoint_format)
+        row = pack(torch.full((1, qzeros.shape[1] * 32 // bits), want), bits, dim=1)
+        if not bool((qzeros == row).all()):
+            stored = unpack(qzeros, bits, dim=1)
+            found = int(stored[stored != want][0])
+            other = {f: sym_stored_zero(bits, f) for f in FORMATS if f != checkpoint_format}
+            fix = next((f"the file is format {f!r}: fix checkpoint_format (gptq=v1, gptq_v2)"
+                        for f, z in other.items() if bool((stored == z).all())),
+                       "its zero points vary: set sym: false in the quantization config if they are real")
+            raise FormatError(f"{where}: tensor {name}.qzeros: a symmetric {bits}-bit checkpoint in format "
+                              f"{checkpoint_format!r} must store zero {want}, found {found}; {fix}")
+
+
 def validate(path: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Check every quantized tensor against the config; raise FormatError naming the first mismatch.
 
@@ -334,6 +430,8 @@ def validate(path: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = 
     cfg = read_quant_config(path)
     if tensors is None:
         tensors = read_tensors(path)
+    files = {name: f for name, (f, _) in read_headers(path).items()}
+    only_file = next(iter(set(files.values()))) if len(set(files.values())) == 1 else path
     shapes = linear_shapes(path)
     found = quantized_modules(tensors)
     if not found:
@@ -342,17 +440,18 @@ def validate(path: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = 
         for name in shapes:
             if cfg.for_module(name) is not None and name not in found and f"{name}.weight" not in tensors \
                     and not name.endswith("lm_head"):
-                raise FormatError(f"{path}: tensor {name}.qweight is missing (the config quantizes "
+                raise FormatError(f"{only_file}: tensor {name}.qweight is missing (the config quantizes "
                                   f"{name}); the checkpoint is incomplete: re-create it")
     layers = {}
     for name in found:
+        where = files.get(f"{name}.qweight", only_file)  # the file to name in a message
         lcfg = cfg.for_module(name)
         if lcfg is None:
-            raise FormatError(f"{name} is quantized in the tensors but excluded by the config's dynamic "
+            raise FormatError(f"{where}: {name} is quantized in the tensors but excluded by the config's dynamic "
                               "rules; the config and tensors disagree")
         for sfx in QUANT_SUFFIXES:
             if f"{name}.{sfx}" not in tensors:
-                raise FormatError(f"tensor {name}.{sfx} is missing; the checkpoint is incomplete")
+                raise FormatError(f"{where}: tensor {name}.{sfx} is missing; the checkpoint is incomplete")
         if shapes is not None and name in shapes:
             k, n = shapes[name]
         else:  # no model config: take K from g_idx and N from scales
@@ -361,24 +460,16 @@ def validate(path: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = 
         for sfx in QUANT_SUFFIXES:
             t = tensors[f"{name}.{sfx}"]
             if tuple(t.shape) != want[sfx]:
-                raise FormatError(f"tensor {name}.{sfx}: expected shape {list(want[sfx])} for a "
+                raise FormatError(f"{where}: tensor {name}.{sfx}: expected shape {list(want[sfx])} for a "
                                   f"{n}x{k} layer at {lcfg.bits} bits, group_size {lcfg.group_size}; "
                                   f"found {list(t.shape)}")
             if t.dtype != EXPECTED_DTYPES[sfx]:
-                raise FormatError(f"tensor {name}.{sfx}: expected dtype {EXPECTED_DTYPES[sfx]}, found {t.dtype}")
+                raise FormatError(f"{where}: tensor {name}.{sfx}: expected dtype {EXPECTED_DTYPES[sfx]}, "
+                                  f"found {t.dtype}")
         g_idx = tensors[f"{name}.g_idx"]
-        groups = want["scales"][0]
-        if g_idx.min() < 0 or g_idx.max() >= groups:
-            raise FormatError(f"tensor {name}.g_idx: values must lie in [0, {groups}), found "
-                              f"[{int(g_idx.min())}, {int(g_idx.max())}]")
-        if lcfg.sym:
-            zeros = unpack(tensors[f"{name}.qzeros"], lcfg.bits, dim=1) + zero_offset(cfg.checkpoint_format)
-            if not bool((zeros == 1 << (lcfg.bits - 1)).all()):
-                stored = int(unpack(tensors[f"{name}.qzeros"], lcfg.bits, dim=1).flatten()[0])
-                raise FormatError(
-                    f"tensor {name}.qzeros: a symmetric {lcfg.bits}-bit checkpoint in format "
-                    f"{cfg.checkpoint_format!r} must store zero {(1 << (lcfg.bits - 1)) - zero_offset(cfg.checkpoint_format)}"
-                    f", found {stored}: the declared checkpoint_format (gptq=v1, gptq_v2) is wrong")
+        check_layer_values(name, where, tensors[f"{name}.scales"],
+                           tensors[f"{name}.qzeros"], g_idx, want["scales"][0], lcfg.bits, lcfg.sym,
+                           cfg.checkpoint_format)
         layers[name] = {"bits": lcfg.bits, "group_size": lcfg.group_size, "sym": lcfg.sym,
                         "desc_act": bool((g_idx != default_g_idx(k, lcfg.group_size)).any()),
                         "in": k, "out": n}
