@@ -1,6 +1,7 @@
 """Bad input stops vLLM at config time with our message (naming the problem and the fix), before any
 weight is loaded: an unquantized model with --quantization gptq-plugin, bits 5, tensors that
-contradict the config, a quantized lm_head. The last test runs the real `vllm serve` CLI."""
+contradict the config, a quantized lm_head. The last test runs the real `vllm serve` CLI.
+Corrupt files and tensor values: test_corrupt_checkpoints.py."""
 from __future__ import annotations
 
 import json
@@ -55,11 +56,13 @@ def test_bits_5_is_refused(tmp_path):
 
 def test_tensors_contradicting_config_are_refused(tmp_path):
     # 4-bit tensors, config claims 8 bits: qweight is half the height the config needs.
+    path = edited_checkpoint(tmp_path, "sym4", bits=8)
     with pytest.raises(ValueError) as e:
-        start_engine(edited_checkpoint(tmp_path, "sym4", bits=8))
-    msg = message_of(e)
-    assert "down_proj.qweight has shape [32, 128], but the config (bits=8, group_size=64) needs [64, 128]" in msg
-    assert "config and tensors disagree" in msg
+        start_engine(path)
+    [line] = [line for line in message_of(e).splitlines() if "qweight has shape" in line]
+    assert (f"{path / 'model.safetensors'}: tensor model.layers.0.mlp.down_proj.qweight has shape [32, 128], "
+            "but the config (bits=8, group_size=64) needs [64, 128]") in line
+    assert "config and tensors disagree" in line
 
 
 def test_group_size_contradicting_tensors_is_refused(tmp_path):

@@ -12,8 +12,10 @@ G' is the local number of groups: a row-parallel layer (K split across ranks) wi
 its own K/p/group_size groups (g_idx is rebased to them after loading); with act-order (desc_act) the
 groups of a K-slice lie anywhere, so every rank keeps all G groups and the full g_idx slice indexes them.
 
-process_weights_after_loading hands the tensors to vllm_gptq_plugin.kernels.prepare once (it repacks
-for the device's kernel); apply calls kernels.gptq_gemm.
+process_weights_after_loading checks the loaded values (finite scales, g_idx within the groups,
+symmetric zero points: format.check_layer_values, one pass over the small tensors, never qweight),
+then hands the tensors to vllm_gptq_plugin.kernels.prepare once (it repacks for the device's kernel);
+apply calls kernels.gptq_gemm.
 """
 from __future__ import annotations
 
@@ -74,10 +76,14 @@ class GIdxParameter(RowvLLMParameter):
 
 @register_weight_loader_v2_supported_method
 class GPTQPluginLinearMethod(LinearMethodBase):
-    """One quantized linear layer (settings already resolved for this module by the config)."""
+    """One quantized linear layer (settings already resolved for this module by the config).
 
-    def __init__(self, qcfg: fmt.QuantConfig):
+    `sources` names, per logical shard (q/k/v of a fused qkv_proj), the checkpoint module and the file
+    holding it, for the messages of the load-time value checks."""
+
+    def __init__(self, qcfg: fmt.QuantConfig, sources: list[tuple[str, str]] | None = None):
         self.qcfg = qcfg
+        self.sources = sources
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -125,17 +131,14 @@ class GPTQPluginLinearMethod(LinearMethodBase):
         layer.gptq_output_partition_sizes = list(output_partition_sizes)
         layer.gptq_group_offset = (qweight.tp_rank * groups) if shard_groups else 0
         layer.gptq_local_groups = groups
+        layer.gptq_shard_groups = shard_groups
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         sizes = layer.gptq_output_partition_sizes
         k = layer.g_idx.shape[0] // len(sizes)
         g_idx = layer.g_idx.data.view(len(sizes), k) - layer.gptq_group_offset
-        if g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= layer.gptq_local_groups):
-            raise fmt.FormatError(
-                f"{layer.__class__.__name__}: g_idx points outside this rank's {layer.gptq_local_groups} "
-                "groups: the checkpoint uses act-order (g_idx not sorted) but its config says desc_act: "
-                "false; set desc_act: true in quantization_config")
         qweight, qzeros, scales = layer.qweight.data, layer.qzeros.data, layer.scales.data
+        self.check_values(layer, g_idx, qzeros, scales)
         prepare = dict(bits=self.qcfg.bits, checkpoint_format=self.qcfg.checkpoint_format,
                        dtype=scales.dtype)
         if all(torch.equal(g_idx[0], g) for g in g_idx[1:]):
@@ -152,6 +155,25 @@ class GPTQPluginLinearMethod(LinearMethodBase):
         # The kernel owns the (re)packed tensors now; drop the checkpoint-layout copies.
         for name in ("qweight", "qzeros", "scales", "g_idx"):
             delattr(layer, name)
+
+    def check_values(self, layer: torch.nn.Module, g_idx: torch.Tensor, qzeros: torch.Tensor,
+                     scales: torch.Tensor) -> None:
+        """What the config-time header checks cannot see, on the tensors vLLM has just loaded: one
+        pass over each shard's scales, qzeros and g_idx (never qweight), before any kernel reads them."""
+        sources = self.sources or [(f"{layer.__class__.__name__} shard {i}", "the checkpoint")
+                                   for i in range(len(g_idx))]
+        hint = ""
+        if layer.gptq_shard_groups:  # this rank holds only its K-slice's groups: sorted g_idx assumed
+            hint = (f" (on this tensor-parallel rank, shifted by {layer.gptq_group_offset}): the checkpoint "
+                    "looks act-order (g_idx not sorted) but its config says desc_act: false; set desc_act: "
+                    "true in quantization_config")
+        n0 = 0
+        for (name, file), n, shard_g_idx in zip(sources, layer.gptq_output_partition_sizes, g_idx):
+            z0, zn = n0 * self.qcfg.bits // 32, n * self.qcfg.bits // 32
+            fmt.check_layer_values(name, file, scales[:, n0:n0 + n], qzeros[:, z0:z0 + zn], shard_g_idx,
+                                   layer.gptq_local_groups, self.qcfg.bits, self.qcfg.sym,
+                                   self.qcfg.checkpoint_format, g_idx_hint=hint)
+            n0 += n
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         parts = layer.gptq_weights

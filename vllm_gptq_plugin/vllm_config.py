@@ -5,9 +5,11 @@ then asks it, layer by layer, which linear method to use: ours (vllm_gptq_plugin
 quantized layers, vLLM's unquantized method for modules the `dynamic` rules skip. Reading the fields is
 vllm_gptq_plugin.format's job (QuantConfig); this module only decides, and refuses with reasons.
 
-Checks happen as early as vLLM lets them: settings in `from_config`, tensor shapes and dtypes against
-the config (safetensors headers only, no data read) in `maybe_update_config`, both in the process that
-builds the engine config, before any worker starts.
+Checks happen as early as vLLM lets them: settings in `from_config`; each safetensors file's header
+against its size (truncated or inconsistent files) and tensor shapes and dtypes against the config in
+`maybe_update_config` (headers only, no data read), both in the process that builds the engine config,
+before any worker starts. Values (finite scales, g_idx range, symmetric zero points) are checked by the
+linear method on the tensors vLLM has just loaded, before the kernel sees them.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ class GPTQPluginConfig(QuantizationConfig):
         # then reads quantize_config.json itself or refuses the model (see get_config_filenames).
         self.qcfg = qcfg
         self.quantized_modules: set[str] | None = None  # from the safetensors headers
+        self.module_files: dict[str, str] = {}  # quantized module -> the file holding it, for messages
+        self.checkpoint = "the checkpoint"  # its folder, once maybe_update_config has seen it
 
     def __repr__(self) -> str:
         return f"GPTQPluginConfig({self.qcfg})"
@@ -79,6 +83,7 @@ class GPTQPluginConfig(QuantizationConfig):
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         if self.quantized_modules is not None:
             self.quantized_modules = set(hf_to_vllm_mapper.apply_list(sorted(self.quantized_modules)))
+        self.module_files = {hf_to_vllm_mapper.map_name(m): f for m, f in self.module_files.items()}
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
         if self.qcfg is None:
@@ -92,9 +97,16 @@ class GPTQPluginConfig(QuantizationConfig):
             except fmt.FormatError as e:
                 raise fmt.FormatError(f"--quantization {QUANT_NAME} needs a GPTQ checkpoint: {e}; "
                                       "or drop --quantization to serve the model unquantized") from e
-        from vllm.transformers_utils.config import get_safetensors_params_metadata
-        headers = get_safetensors_params_metadata(model_name, revision=revision)
-        self.quantized_modules = check_tensors_match_config(headers, self.qcfg, model_name)
+        self.checkpoint = model_name
+        if Path(model_name).is_dir():  # each file's header checked against its size, and named
+            headers = fmt.read_headers(model_name)
+            files = {name: str(f) for name, (f, _) in headers.items()}
+            headers = {name: info for name, (_, info) in headers.items()}
+        else:  # a hub id: vLLM reads the headers remotely; its loader checks the files it downloads
+            from vllm.transformers_utils.config import get_safetensors_params_metadata
+            headers, files = get_safetensors_params_metadata(model_name, revision=revision), {}
+        self.quantized_modules = check_tensors_match_config(headers, self.qcfg, files, model_name)
+        self.module_files = {m: files.get(f"{m}.qweight", model_name) for m in self.quantized_modules}
 
     def module_config(self, prefix: str) -> fmt.QuantConfig | None:
         """Settings of the vLLM module `prefix`; a fused module (qkv_proj, gate_up_proj) takes those
@@ -109,9 +121,12 @@ class GPTQPluginConfig(QuantizationConfig):
         if configs[0] is not None and self.quantized_modules is not None:
             missing = [s for s in shards if s not in self.quantized_modules]
             if missing:
+                files = set(self.module_files.values())  # the one weight file, or else the folder
+                where = files.pop() if len(files) == 1 else self.checkpoint
                 raise fmt.FormatError(
-                    f"the quantization config quantizes {missing[0]} but the checkpoint has no "
-                    f"{missing[0]}.qweight: config and tensors disagree; re-create the checkpoint")
+                    f"{where}: tensor {missing[0]}.qweight is missing, but the quantization "
+                    f"config quantizes {missing[0]}: the checkpoint is "
+                    "incomplete; re-create it")
         return configs[0]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
@@ -121,7 +136,8 @@ class GPTQPluginConfig(QuantizationConfig):
         if lcfg is None:
             return UnquantizedLinearMethod()
         from vllm_gptq_plugin.linear_method import GPTQPluginLinearMethod
-        return GPTQPluginLinearMethod(lcfg)
+        shards = checkpoint_names(prefix, self.packed_modules_mapping)
+        return GPTQPluginLinearMethod(lcfg, [(s, self.module_files.get(s, "the checkpoint")) for s in shards])
 
 
 def parse_quant_config(config: dict[str, Any]) -> fmt.QuantConfig:
@@ -144,9 +160,11 @@ def checkpoint_names(prefix: str, packed_modules_mapping: dict[str, list[str]]) 
     return [prefix]
 
 
-def check_tensors_match_config(headers: dict[str, Any], qcfg: fmt.QuantConfig, where: str) -> set[str]:
+def check_tensors_match_config(headers: dict[str, Any], qcfg: fmt.QuantConfig, files: dict[str, str],
+                               where: str) -> set[str]:
     """Shapes and dtypes of every quantized layer's tensors against the config (headers only).
 
+    `files` maps tensor names to the file holding them (messages name it; `where` otherwise).
     Returns the names of the quantized modules. Raises FormatError naming the first disagreement.
     """
     names = sorted(k[: -len(".qweight")] for k in headers if k.endswith(".qweight"))
@@ -155,26 +173,32 @@ def check_tensors_match_config(headers: dict[str, Any], qcfg: fmt.QuantConfig, w
                               "tensors: the checkpoint is not quantized; re-create it with `vllm-gptq "
                               f"quantize` or drop --quantization {QUANT_NAME}")
     for name in names:
+        file = files.get(f"{name}.qweight", where)
         lcfg = qcfg.for_module(name)
         if lcfg is None:
-            raise fmt.FormatError(f"{where}: {name} is quantized in the tensors but the config's dynamic "
+            raise fmt.FormatError(f"{file}: {name} is quantized in the tensors but the config's dynamic "
                                   "rules leave it unquantized; config and tensors disagree")
         info = {}
         for sfx in fmt.QUANT_SUFFIXES:
             if f"{name}.{sfx}" not in headers:
-                raise fmt.FormatError(f"{where}: tensor {name}.{sfx} is missing; the checkpoint is incomplete")
+                raise fmt.FormatError(f"{file}: tensor {name}.{sfx} is missing (the layer's other tensors "
+                                      "are there): the checkpoint is incomplete; re-create it")
             info[sfx] = headers[f"{name}.{sfx}"]
         k, n = info["g_idx"]["shape"][0], info["scales"]["shape"][-1]
-        want = fmt.expected_shapes(k, n, lcfg)
+        try:
+            want = fmt.expected_shapes(k, n, lcfg)
+        except fmt.FormatError as e:
+            raise fmt.FormatError(f"{file}: {name}: {e}") from e
         for sfx, meta in info.items():
+            file = files.get(f"{name}.{sfx}", where)
             if tuple(meta["shape"]) != want[sfx]:
                 raise fmt.FormatError(
-                    f"{where}: tensor {name}.{sfx} has shape {list(meta['shape'])}, but the config "
+                    f"{file}: tensor {name}.{sfx} has shape {list(meta['shape'])}, but the config "
                     f"(bits={lcfg.bits}, group_size={lcfg.group_size}) needs {list(want[sfx])} for a "
                     f"{n}x{k} layer: config and tensors disagree; fix quantization_config or re-quantize")
             if meta["dtype"] != _HEADER_DTYPES[sfx]:
-                raise fmt.FormatError(f"{where}: tensor {name}.{sfx} is {meta['dtype']}, the format "
-                                      f"needs {_HEADER_DTYPES[sfx]}")
+                raise fmt.FormatError(f"{file}: tensor {name}.{sfx} is {meta['dtype']}, but the GPTQ format "
+                                      f"stores it as {_HEADER_DTYPES[sfx]}: re-create the checkpoint")
     return set(names)
 
 
