@@ -6,15 +6,14 @@ import json
 import math
 import shutil
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
-
-from vllm_gptq_plugin import cli  # noqa: E402
-from vllm_gptq_plugin import format as fmt  # noqa: E402
-from vllm_gptq_plugin.offline_quant import gguf_export, loader, rtn  # noqa: E402
+from vllm_gptq_plugin import cli
+from vllm_gptq_plugin import format as fmt
+from vllm_gptq_plugin.offline_quant import gguf_export, loader, rtn
 
 TEXT = ("The GPTQ checkpoint stores integer weights with one scale per group. GGUF stores blocks of "
         "thirty-two weights, each with its own scale; 12345 tokens later the text ends.")
