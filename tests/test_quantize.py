@@ -14,7 +14,6 @@ from vllm_gptq_plugin.offline_quant import api, data, model_io, quantize as qz, 
 from vllm_gptq_plugin.offline_quant.calibration import DEFAULT_CALIB, Calibration
 from vllm_gptq_plugin.offline_quant.memo import ChildMemo
 
-pytest.importorskip("vllm_gptq_plugin.offline_quant.gptq")
 CALIB = dict(nsamples=8, seqlen=64, progress=False, threads=1)
 
 

@@ -13,7 +13,6 @@ from vllm_gptq_plugin import format as fmt
 from vllm_gptq_plugin.offline_quant import api, driver
 from vllm_gptq_plugin.offline_quant.resume import WorkState
 
-pytest.importorskip("vllm_gptq_plugin.offline_quant.gptq")
 CFG = dict(bits=4, group_size=64, desc_act=True, sym=False)
 RUN = dict(nsamples=8, seqlen=64, seed=3, threads=1, progress=False)
 
