@@ -15,12 +15,15 @@ min), so the "fp" model is itself a dequantized 4-bit model.
 
     .venv/bin/python benchmarks/quality.py            # the full run (about an hour on 2 cores)
     .venv/bin/python benchmarks/quality.py --quick    # smoke run: 4-bit g64 only, tiny calibration
+    .venv/bin/python benchmarks/quality.py --configs "4b g64,3b g64" --methods rtn --dry-run
+                                                      # print (and check) the runs, run nothing
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,24 +35,34 @@ CONFIGS = {  # name -> quantize flags (on top of the CLI defaults: asym, MSE cli
     "4b g64": ["--bits", "4", "--group-size", "64", "--no-act-order"],
     "4b g64 act-order": ["--bits", "4", "--group-size", "64", "--act-order"],
     "4b per-channel": ["--bits", "4", "--group-size", "-1", "--act-order"],
+    "3b g64": ["--bits", "3", "--group-size", "64", "--no-act-order"],
     "3b g64 act-order": ["--bits", "3", "--group-size", "64", "--act-order"],
     "8b g64 act-order": ["--bits", "8", "--group-size", "64", "--act-order"],
 }
+# Table 1 by default; "3b g64" (no act-order) is for README's RTN baseline table.
+DEFAULT_CONFIGS = ("4b g64", "4b g64 act-order", "4b per-channel", "3b g64 act-order", "8b g64 act-order")
+METHODS = ("rtn", "gptq")
 CROSS_CONFIGS = ("4b g64 act-order", "3b g64 act-order")
 CROSS_CALIB = ("pydocs", "shakespeare")
 
 
-def quantize(args, name: str, method: str, flags: list[str], calib: str) -> dict:
-    """Quantize (or reuse) one checkpoint in a child process; returns its quant_report.json."""
+def quantize_command(args, name: str, method: str, calib: str) -> tuple[Path, list[str]]:
+    """The checkpoint folder of one run and the `vllm-gptq quantize` command that makes it."""
     out = args.work / f"{method}-{calib}-{name.replace(' ', '-')}-{args.nsamples}x{args.seqlen}"
+    cmd = [sys.executable, "-m", "vllm_gptq_plugin.cli", "quantize", "--model", str(args.model),
+           "--out", str(out), "--method", method, *CONFIGS[name], "--calib", calib, "--nsamples",
+           str(args.nsamples), "--seqlen", str(args.seqlen), "--no-progress", *args.extra]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return out, cmd
+
+
+def quantize(args, name: str, method: str, calib: str) -> dict:
+    """Quantize (or reuse) one checkpoint in a child process; returns its quant_report.json."""
+    out, cmd = quantize_command(args, name, method, calib)
     if args.fresh and out.exists():
         shutil.rmtree(out)
     if not (out / "quant_report.json").exists():
-        cmd = [sys.executable, "-m", "vllm_gptq_plugin.cli", "quantize", "--model", str(args.model),
-               "--out", str(out), "--method", method, *flags, "--calib", calib, "--nsamples",
-               str(args.nsamples), "--seqlen", str(args.seqlen), "--no-progress", *args.extra]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
         print(f"  quantizing {out.name} ...", file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     rep = json.loads((out / "quant_report.json").read_text())
@@ -75,6 +88,18 @@ def ratio(fp: float, rtn: float, gptq: float) -> str:
     return f"{(gptq - fp) / (rtn - fp):.2f}" if rtn != fp else "-"
 
 
+def names_of(known: tuple[str, ...]):
+    """An argparse type: a comma-separated subset of `known`, refused (with the choices) at parse time."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",")]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}: choose from "
+                                             f"{', '.join(map(repr, known))}")
+        return names
+    return parse
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=ROOT / ".cache" / "smollm2")
@@ -89,18 +114,33 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: 4b g64 only, 16x256 calibration, 2k tokens")
     p.add_argument("--fresh", action="store_true", help="re-quantize even if a checkpoint is in --work")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of table 1")
-    p.add_argument("--methods", default="rtn,gptq", help="rtn,gptq or rtn alone (the baseline table)")
+    p.add_argument("--configs", type=names_of(tuple(CONFIGS)), default=list(DEFAULT_CONFIGS),
+                   help=f"comma-separated rows of table 1, of {', '.join(CONFIGS)}")
+    p.add_argument("--methods", type=names_of(METHODS), default=list(METHODS),
+                   help="rtn,gptq or rtn alone (the baseline table)")
     p.add_argument("--no-cross", action="store_true", help="skip table 2 (cross-domain)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the quantize commands this run would make and exit (checks a command line)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more `vllm-gptq quantize` flags for every run (e.g. --asym)")
     args = p.parse_args()
-    configs = {name: CONFIGS[name] for name in args.configs.split(",")}
+    configs = args.configs
     cross = () if args.no_cross or "gptq" not in args.methods else CROSS_CONFIGS
-    methods = tuple(args.methods.split(","))
+    methods = tuple(args.methods)
     if args.quick:
         args.nsamples, args.seqlen, args.max_tokens = 16, 256, 2048
-        configs, cross = {"4b g64": CONFIGS["4b g64"]}, ("4b g64",)
+        configs, cross = ["4b g64"], ("4b g64",) if cross else ()
+    if args.dry_run:  # the plan, each command checked by the quantize CLI's own parser; nothing runs
+        from vllm_gptq_plugin.offline_quant import quantize as qz
+        parser = argparse.ArgumentParser(prog="vllm-gptq quantize")
+        qz.add_arguments(parser)
+        plan = [quantize_command(args, name, m, args.calib)[1] for name in configs for m in methods]
+        args.nsamples = args.cross_nsamples or args.nsamples
+        plan += [quantize_command(args, name, "gptq", calib)[1] for calib in CROSS_CALIB for name in cross]
+        for cmd in plan:
+            parser.parse_args(cmd[4:])  # after `python -m vllm_gptq_plugin.cli quantize`
+            print(shlex.join(cmd))
+        return 0
     if not (args.model / "config.json").exists():
         from vllm_gptq_plugin.offline_quant.models import fetch_smollm2
         fetch_smollm2(args.model)
@@ -120,8 +160,8 @@ def main() -> int:
         f" {'quant s':>8} {'threads':>7} {'peak RSS MiB':>12} {'above base / bound':>18}"
     print(head)
     print(f"{'fp':<18} {'-':<6} " + " ".join(f"{fp[e]:>17.2f}" for e in EVALS))
-    for name, flags in configs.items():
-        reps = {m: quantize(args, name, m, flags, args.calib) for m in methods}
+    for name in configs:
+        reps = {m: quantize(args, name, m, args.calib) for m in methods}
         vals = {m: {e: ppl(args, reps[m]["path"], e, cache) for e in EVALS} for m in reps}
         for m, rep in reps.items():
             ratios = [ratio(fp[e], vals["rtn"][e], vals["gptq"][e]) if m == "gptq" and "rtn" in vals else ""
@@ -136,11 +176,11 @@ def main() -> int:
     print(f"\ntable 2: cross-domain, calibration {args.cross_nsamples or args.nsamples}x{args.seqlen} on one corpus; ratio <= 1 "
           "means GPTQ is no worse than RTN")
     print(f"{'calibrated on':<14} {'config':<8} {'eval on':<18} {'fp':>7} {'RTN':>7} {'GPTQ':>7} {'ratio':>6}")
-    rtns = {name: quantize(args, name, "rtn", CONFIGS[name], args.calib) for name in cross}  # no calibration
+    rtns = {name: quantize(args, name, "rtn", args.calib) for name in cross}  # no calibration
     args.nsamples = args.cross_nsamples or args.nsamples
     for calib in CROSS_CALIB:
         for name in cross:
-            rtn, gptq = rtns[name], quantize(args, name, "gptq", CONFIGS[name], calib)
+            rtn, gptq = rtns[name], quantize(args, name, "gptq", calib)
             for e in EVALS:
                 r, g = ppl(args, rtn["path"], e, cache), ppl(args, gptq["path"], e, cache)
                 where = "in domain" if e.startswith(calib) else "OUT of domain"
