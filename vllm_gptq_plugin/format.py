@@ -399,9 +399,9 @@ def check_layer_values(name: str, where: str | os.PathLike, scales: torch.Tensor
     bad = ~torch.isfinite(scales)
     if bool(bad.any()):
         g, n = (int(i) for i in bad.nonzero()[0])
-        raise FormatError(f"{where}: tensor {name}.scales holds {float(scales[g, n])} at [{g}, {n}] "
-                          f"({int(bad.sum())} non-finite values): scales must be finite; the checkpoint "
-                          "is corrupt, re-create it")
+        raise FormatError(f"{where}: tensor {name}.scales holds {float(scales[g, n])} at [{g}, {n}]: "
+                          f"scales must be finite ({int(bad.sum())} of {bad.numel()} are not); the "
+                          "checkpoint is corrupt, re-create it")
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
         raise FormatError(f"{where}: tensor {name}.g_idx holds values in [{int(g_idx.min())}, "
                           f"{int(g_idx.max())}], outside the layer's {groups} groups [0, {groups})"
