@@ -23,7 +23,7 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     import torch
     if not torch.cuda.is_available():  # stated in the summary (-ra), never silent
-        no_gpu = pytest.mark.skip(reason="needs a CUDA GPU: scripts/gpu_check.sh runs these on one")
+        no_gpu = pytest.mark.skip(reason="opt-in by hardware: needs a CUDA GPU (scripts/gpu_check.sh runs these)")
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(no_gpu)

