@@ -9,8 +9,9 @@ them (`can_implement`, FormatError with the reason) and repacks them once for th
 torch.compile and CUDA graphs see as a single node. Which kernel serves a call:
 
     CUDA/ROCm          -> Triton (triton_weights.py: layout; triton_tiles.py: kernel and tile per M
-                          bucket from the shipped table): a CUDA-core GEMV (triton_gemv.py) at decode,
-                          the tensor-core kernel (triton_gemm.py) above; every bits / group / act-order
+                          bucket from the shipped table): the tiled kernel (triton_gemm.py) on CUDA
+                          cores at decode or tensor cores above, or the M = 1 word-wise GEMV
+                          (triton_gemv.py); every bits / group / act-order
     CPU, bf16, AVX512-BF16, N % 64 == 0, group runs of even length
                        -> fused: one compiled kernel for every M (kernels/csrc/cpu_gemm_bf16.cpp)
     CPU, otherwise, bits <= 4, N % 64 == 0, groups tile K

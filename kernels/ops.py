@@ -94,7 +94,7 @@ def _triton(x2: torch.Tensor, weights, bias, meta) -> torch.Tensor:
 def _launch(tile, x2, weights, perm, bias, out, bits, group, k, n) -> torch.Tensor:
     import triton
     from .triton_gemm import gemm_kernel
-    from .triton_gemv import gemv_kernel, gemv_words_kernel
+    from .triton_gemv import gemv_words_kernel
     qweight, scales, zeros, g_idx, _, counters = weights
     m = x2.shape[0]
     k_per_split = triton.cdiv(triton.cdiv(k, tile.split_k), tile.block_k) * tile.block_k
@@ -104,12 +104,13 @@ def _launch(tile, x2, weights, perm, bias, out, bits, group, k, n) -> torch.Tens
         raise RuntimeError(f"split-K counters hold {counters.numel()} tiles, this launch needs {tiles}: "
                            "prepare sized them for another plan")
     ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x2.device) if split_k > 1 else out
-    kernel = {"gemv": gemv_kernel, "gemvw": gemv_words_kernel, "gemm": gemm_kernel}[tile.kernel]
+    kernel = gemv_words_kernel if tile.kernel == "gemvw" else gemm_kernel
     kernel[(tiles, split_k)](
         x2, qweight, scales, zeros, g_idx, perm, out if bias is None else bias, out, ws, counters,
         m, n, k, k_per_split, split_k, x2.stride(0),
         BITS=bits, GROUP=group, HAS_PERM=perm.numel() > 0, HAS_BIAS=bias is not None,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, USE_SPLIT=split_k > 1,
+        DOT=tile.kernel == "gemm",
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
 

@@ -6,72 +6,25 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
-import torch
 
 from test_vllm_generate import checkpoint, reference_greedy
+from vllm_server import serve
 
 MODEL_NAME = "tiny-gptq"
 MAX_TOKENS = 8
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"vllm serve not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = checkpoint("sym4")
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's usual engine-core process
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")  # see vllm_greedy in test_vllm_generate.py
-    vllm = Path(sys.executable).with_name("vllm")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(vllm), "serve", str(path), "--quantization", "gptq-plugin", "--host", "127.0.0.1",
-             "--port", str(port), "--served-model-name", MODEL_NAME, "--dtype", "float32", "--enforce-eager",
-             "--max-model-len", "256", "--max-num-seqs", "16", "--seed", "0"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, url, log)
-        yield {"url": url, "path": path, "proc": proc, "log": log}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # our own session: the server and its engine core
-                proc.wait()
+    with serve(path, log, "--served-model-name", MODEL_NAME, "--dtype", "float32", "--enforce-eager",
+               "--max-model-len", "256", "--max-num-seqs", "16", "--seed", "0") as s:
+        yield dict(s, path=path)
 
 
 @pytest.fixture(scope="module")
