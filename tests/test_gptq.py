@@ -298,6 +298,41 @@ def test_dead_columns_quantize_to_zero():
     assert (res.Q[:, [3, 100]] == 0).all()
 
 
+DEAD_GROUP = list(range(64, 96))  # one whole group of 32: the live columns keep their groups when it goes
+DEAD_SCATTERED = [3, 100, 101, 200]
+
+
+@pytest.mark.parametrize("input_scale", [1.0, 1e-3])  # 1e-3: small activations, where damping matters most
+@pytest.mark.parametrize("kw,dead", [
+    (dict(bits=4, group_size=32), DEAD_GROUP),
+    (dict(bits=3, group_size=32, desc_act=True, static_groups=True, sym=False), DEAD_GROUP),
+    (dict(bits=4, group_size=-1), DEAD_SCATTERED),
+    (dict(bits=4, group_size=-1, desc_act=True, sym=False), DEAD_SCATTERED),
+], ids=["g32", "g32-act-static-asym", "per-channel", "per-channel-act-asym"])
+def test_dead_columns_go_to_the_zero_point_and_leave_the_live_ones_as_without_them(kw, dead, input_scale):
+    """Inputs that are always 0 give H all-zero rows and columns. Their weights quantize to the zero
+    point (Q = 0), nothing is NaN or Inf, and the live columns come out as the textbook OBS (fp64)
+    quantizes the layer with the dead columns removed: same damping, same levels, same output error."""
+    cfg = fmt.QuantConfig(**kw)
+    layer = make_layer()
+    X = correlated_inputs() * input_scale
+    X[:, dead] = 0
+    res, H, layer, X = run_gptq(cfg, layer=layer, X=X)
+    for t in (res.q, res.zeros, res.scales, res.Q):
+        assert torch.isfinite(t.float()).all()
+    assert res.stats["dead_columns"] == len(dead) and math.isfinite(res.stats["loss"])
+    assert torch.equal(res.q[:, dead], res.zeros[res.g_idx[dead].long()].t())
+    assert (res.Q[:, dead] == 0).all()
+    live = torch.ones(K, dtype=torch.bool)
+    live[dead] = False
+    W = layer.weight.detach()
+    Q_ref, _ = obs_reference(W[:, live], H[live][:, live], cfg)
+    close = (res.Q[:, live] - Q_ref).abs() <= 1e-4 * res.scales.max()
+    assert close.float().mean() >= 0.98, f"{int((~close).sum())} of {close.numel()} live weights differ"
+    error = lambda Q: float(torch.linalg.norm(X[:, live] @ (W[:, live] - Q).t()))  # noqa: E731
+    assert error(res.Q[:, live]) == pytest.approx(error(Q_ref), rel=1e-3)
+
+
 def _indefinite_hessian(k, neg):
     """A symmetric H with mean diagonal ~1 and one eigenvalue `neg`: damping must exceed |neg|."""
     torch.manual_seed(3)
