@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from test_vllm_generate import checkpoint
-from vllm_server import free_port
+from vllm_gptq_plugin.local_server import free_port
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from vllm_gptq_plugin import format as fmt
-from vllm_server import serve
+from vllm_gptq_plugin.local_server import serve
 
 CACHE_NAME = "smollm2-gptq-4b-g64-act-load-v1"
 MODEL_NAME = "smollm2-gptq"

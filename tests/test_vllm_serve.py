@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from test_vllm_generate import checkpoint, reference_greedy
-from vllm_server import serve
+from vllm_gptq_plugin.local_server import serve
 
 MODEL_NAME = "tiny-gptq"
 MAX_TOKENS = 8

@@ -1,4 +1,9 @@
-"""A real `vllm serve` subprocess on a free loopback port, for the tests that talk to one over HTTP."""
+"""A real `vllm serve` subprocess on a free loopback port, started and stopped around a block of code:
+what the serving tests and benchmarks/serving.py talk to over HTTP.
+
+    with serve(checkpoint, log_path, "--dtype", "bfloat16") as server:
+        ... server["url"] ...        # http://127.0.0.1:PORT, /health answered 200
+"""
 from __future__ import annotations
 
 import contextlib
@@ -34,18 +39,22 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 3
 
 
 @contextlib.contextmanager
-def serve(path: Path, log: Path, *args: str, kv_cache_gib: int = 1, timeout: float = 300):
-    """`vllm serve PATH --quantization gptq-plugin ARGS` on 127.0.0.1; yields {url, proc, log} once
-    /health answers, and stops it (SIGTERM, then SIGKILL of its whole session) on the way out."""
+def serve(path: Path, log: Path, *args: str, kv_cache_gib: int = 1, timeout: float = 300,
+          quantization: str | None = "gptq-plugin", omp_bind: str = "0"):
+    """`vllm serve PATH --quantization Q ARGS` on 127.0.0.1 (no --quantization when Q is None); yields
+    {url, proc, log} once /health answers, and stops it (SIGTERM, then SIGKILL of its whole session) on
+    the way out. omp_bind: VLLM_CPU_OMP_THREADS_BIND unless the environment sets it (one core by
+    default: OpenMP threads spinning on busy cores make every GEMM erratic, see benchmarks/serving.py)."""
     port = free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), HF_HUB_OFFLINE="1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's usual engine-core process
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")  # see vllm_greedy in test_vllm_generate.py
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", omp_bind)
     vllm = Path(sys.executable).with_name("vllm")
+    quant = ["--quantization", quantization] if quantization else []
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [str(vllm), "serve", str(path), "--quantization", "gptq-plugin", "--host", "127.0.0.1",
-             "--port", str(port), *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [str(vllm), "serve", str(path), *quant, "--host", "127.0.0.1", "--port", str(port), *args],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, url, log, timeout)
