@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from test_vllm_generate import checkpoint, reference_greedy
-from test_vllm_serve import free_port, wait_healthy
+from vllm_gptq_plugin.local_server import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
