@@ -38,7 +38,8 @@ def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: QuantCon
     forward passes. device: "auto" (the GPU when torch sees one), "cuda[:N]" or "cpu": where GPTQ runs
 (RTN runs on the CPU); offload_activations: on a GPU, keep the calibration activations in pinned CPU
 memory. Launched by torchrun, the ranks share the calibration samples (docs/QUANTIZE.md).
-The per-layer report is `out`/quant_report.json.
+The per-layer report is `out`/quant_report.json. SIGTERM or SIGINT (Ctrl-C) stops a GPTQ run once the
+current block is done, its resume state saved, raising stopping.Interrupted (a KeyboardInterrupt).
     """
     if method == "rtn":
         return _rtn.quantize_checkpoint(model_dir, out, cfg or QuantConfig(), overwrite=overwrite,

@@ -21,7 +21,12 @@ one [nsamples, seqlen, hidden] fp32 activation buffer updated in place and one i
 for the block's attention outputs (twice with fp targets: the fp model's path as well), plus one
 group's Hessians.
 
-Resume (resume.WorkState): a run killed after a finished block continues from it when rerun.
+Resume (resume.WorkState): a run killed after a finished block continues from it when rerun. SIGTERM
+and SIGINT stop a run at the end of the current block, its state saved (stopping.py).
+
+Before the slow part (preflight.py): the output folder must take files and have room for the checkpoint
+and the resume state, the calibration windows must fit the model's positions and its activations the
+memory they will live in.
 
 Devices (devices.py): the model stays on the CPU, each block in turn and the activations go to the
 compute device. Ranks (distributed.py): each forwards its share of the samples, Hessians are summed,
@@ -33,6 +38,7 @@ import copy
 import dataclasses
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +46,8 @@ from typing import Any
 import torch
 
 from vllm_gptq_plugin import format as fmt
-from vllm_gptq_plugin.offline_quant import checkpoint, devices, distributed, model_io, report as rpt
+from vllm_gptq_plugin.offline_quant import (checkpoint, devices, distributed, model_io, preflight, report as rpt,
+                                            stopping)
 from vllm_gptq_plugin.offline_quant.block import quantize_group, run_block
 from vllm_gptq_plugin.offline_quant.calibration import DEFAULT_BATCH, FORWARD_DTYPES, Calibration
 from vllm_gptq_plugin.offline_quant.gptq import GPTQ, NonFiniteActivations
@@ -70,6 +77,7 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
     if ranks > calib.nsamples:
         raise fmt.FormatError(f"{ranks} ranks but {calib.nsamples} calibration samples: each rank needs at "
                               f"least one; pass --nsamples {ranks} or more, or launch fewer ranks")
+    preflight.check_seqlen(Path(model_dir), calib.seqlen)
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if ranks > 1 else None
     device = devices.resolve(calib.device, local_rank)
     if device.type == "cuda":
@@ -94,13 +102,16 @@ def _quantize_model(model_dir, out, cfg: fmt.QuantConfig, calib: Calibration, re
               "baseline_rss_mb": run.baseline_mb}  # before weights are dropped
     cfg = checkpoint.stamped(cfg, "gptq")
     targets = checkpoint.quantizable_linears(run.model, cfg)  # refuses shapes the format cannot hold
+    _preflight(run, targets, cfg, calib, memory, place, world)
     ids = _calibration_ids(run.model_dir, calib)
     work = WorkState(run.out, run_key(run.model_dir, cfg, calib, "gptq", batch_size, ids, world.size), world)
     try:
-        packed, rows = _gptq(run.model, run.model_dir, targets, cfg, calib, ids[world.shard(len(ids))], work,
-                             resume, batch_size, rpt.progress_bars(progress and world.leader), place, world)
+        with stopping.StopRequests() as stop:
+            packed, rows = _gptq(run.model, run.model_dir, targets, cfg, calib, ids[world.shard(len(ids))], work,
+                                 resume, batch_size, rpt.progress_bars(progress and world.leader), place, world,
+                                 stop)
     except NonFiniteActivations as e:  # a data/model problem, not a crash: one clear message
-        raise fmt.FormatError(str(e)) from e
+        raise fmt.FormatError(_non_finite_message(e, run.model, calib)) from e
     peaks = world.gather((rpt.peak_rss_mb(), devices.peak_memory_mb(place.compute)), "reporting peak memory")
     path, rep = run.out, None
     if world.leader:
@@ -116,6 +127,41 @@ def _quantize_model(model_dir, out, cfg: fmt.QuantConfig, calib: Calibration, re
     return path, rep
 
 
+def _preflight(run: model_io.Loaded, targets, cfg: fmt.QuantConfig, calib: Calibration, memory: dict[str, float],
+               place: devices.Placement, world: distributed.World) -> None:
+    """Stop every rank before anything large is allocated or computed if this rank's calibration
+    activations do not fit where they will live, or the output folder has no room for the checkpoint
+    and the resume state (the inputs of all ranks: on one machine they share the folder)."""
+    fp_targets = bool(cfg.meta.get("fp_targets", False))
+    shard = world.shard(calib.nsamples)  # memory holds this rank's activations
+    world.check(preflight.activation_memory_problem(int(memory["activations_mb"] * 2**20), place.store,
+                                                    shard.stop - shard.start, calib.seqlen, fp_targets),
+                "checking the memory for the calibration activations")
+    ckpt, quantized = preflight.checkpoint_bytes(run.model, targets, run.src_dtype, run.model_dir)
+    inputs = (2 if fp_targets else 1) * calib.nsamples * calib.seqlen * run.model.config.hidden_size * 4
+    world.check(preflight.disk_space_problem(run.out, ckpt, quantized, inputs), "checking the output folder")
+
+
+def _non_finite_message(e: NonFiniteActivations, model, calib: Calibration) -> str:
+    """e's message with the block it happened in and what to do about it."""
+    prefix, blocks = model_io.decoder_blocks(model)
+    where = "lm_head, after the last block"
+    if e.layer and e.layer.startswith(prefix + "."):
+        index, name = e.layer[len(prefix) + 1:].split(".", 1)
+        where = f"block {index} of {len(blocks)} ({prefix}.{index}), layer {name}"
+    if e.kind == "overflow":  # bf16 and fp32 share fp32's range: the forward dtype cannot help
+        advice = ("these are the fp model's own activations on this text, as large with --forward-dtype fp32 "
+                  "as with bf16: check the model's weights (a norm or scale blown up) and the calibration samples")
+    elif calib.forward_dtype == "bf16":
+        advice = ("the blocks ran in bf16 autocast: rerun with --forward-dtype fp32; if the values stay non-finite, "
+                  "the fp model itself produces them on this text: check its weights for Inf/NaN and the "
+                  "calibration samples")
+    else:
+        advice = ("the fp model itself produces them on this text in fp32: check its weights for Inf/NaN and the "
+                  "calibration samples")
+    return f"{where}: {e}; {advice}"
+
+
 def _calibration_ids(model_dir: Path, calib: Calibration) -> torch.Tensor:
     """All calibration samples [nsamples, seqlen]: every rank draws the same, then takes its share."""
     import transformers
@@ -126,8 +172,9 @@ def _calibration_ids(model_dir: Path, calib: Calibration) -> torch.Tensor:
 
 def _gptq(model, model_dir: Path, targets, cfg: fmt.QuantConfig, calib: Calibration, ids: torch.Tensor,
           work: WorkState, resume: bool, batch_size: int, bars, place: devices.Placement,
-          world: distributed.World):
-    """The block loop over this rank's calibration samples `ids`; (packed, rows) on rank 0."""
+          world: distributed.World, stop: stopping.StopRequests):
+    """The block loop over this rank's calibration samples `ids`; (packed, rows) on rank 0. After each
+    block, a stop request (on any rank) saves the resume state and raises stopping.Interrupted."""
     prefix, blocks = model_io.decoder_blocks(model)
     batches = batch_slices(ids.shape[0], batch_size)
     fp_targets = bool(cfg.meta.get("fp_targets", False))
@@ -182,6 +229,12 @@ def _gptq(model, model_dir: Path, targets, cfg: fmt.QuantConfig, calib: Calibrat
         packed.update(block_packed)
         work.block_done(i + 1, block_packed, acts, rows)
         block_bar.update(1)
+        asked = [s for s in world.gather(stop.requested, "checking for a stop request") if s]
+        if asked:
+            work.flush(i + 1, acts, rows)
+            raise stopping.Interrupted(f"stopped by {asked[0]} after {i + 1} of {len(blocks)} blocks, the resume "
+                                       f"state saved in {work.dir}: run the same command again to continue",
+                                       signal.Signals[asked[0]])
     block_bar.close()
     if "lm_head" in targets:
         lm_head = _lm_head(model, targets["lm_head"], acts[0], batches, cfg, place, world)

@@ -55,7 +55,12 @@ GRAM_COLUMNS_ELEMENTS = 1 << 24  # fp32 elements of one slice of a Gram update (
 
 
 class NonFiniteActivations(ValueError):
-    """NaN or Inf in a layer's calibration inputs (or a Hessian that overflowed fp32)."""
+    """NaN or Inf in a layer's calibration inputs (kind "NaN" or "Inf"), or finite inputs whose Hessian
+    overflowed fp32 (kind "overflow"); layer: the layer's name. The driver adds the block and advice."""
+
+    def __init__(self, message: str, layer: str | None, kind: str):
+        super().__init__(message)
+        self.layer, self.kind = layer, kind
 
 
 @dataclasses.dataclass
@@ -149,14 +154,13 @@ class GPTQ:
         # over inp would.
         if not bool(torch.isfinite(self.Hsum.diagonal()).all()):
             where = f"layer {self.name}" if self.name else "this layer"
-            if bool(torch.isfinite(inp).all()):
-                raise NonFiniteActivations(f"the Hessian of {where} overflowed: its calibration "
-                                           "activations are too large")
+            if bool(torch.isfinite(inp).all()):  # finite inputs whose squares exceed fp32's range
+                raise NonFiniteActivations(
+                    f"the Hessian of {where} overflowed fp32: its calibration activations reach |x| = "
+                    f"{float(inp.abs().max()):.3g}, and sums of their squares exceed fp32's range (3.4e38)",
+                    self.name, "overflow")
             bad = "NaN" if bool(torch.isnan(inp).any()) else "Inf"
-            raise NonFiniteActivations(
-                f"{bad} in the calibration activations entering {where}: the fp model already produces "
-                "non-finite values on this calibration text (check the model's dtype, e.g. fp16 overflow, "
-                "and the calibration samples)")
+            raise NonFiniteActivations(f"{bad} in the calibration activations entering {where}", self.name, bad)
 
     def fasterquant(self, cfg: fmt.QuantConfig, blocksize: int = 128, mse: bool | None = None) -> GPTQResult:
         """Quantize the layer's weight with GPTQ against H. Does not modify the layer.
@@ -180,8 +184,9 @@ class GPTQ:
         gs = K if cfg.group_size == -1 else cfg.group_size
         assert K % gs == 0, f"group_size {gs} must divide in_features {K}"
         if not bool(torch.isfinite(H.diagonal()).all()):
-            raise NonFiniteActivations(f"the Hessian of layer {self.name or '?'} overflowed fp32: its "
-                                       "calibration activations are too large")
+            raise NonFiniteActivations(f"the Hessian of layer {self.name or '?'} overflowed fp32 once summed "
+                                       "over the calibration set: its activations are too large", self.name,
+                                       "overflow")
         if gs < K:  # a group's grid is taken from the block's updated weights: groups must not straddle
             assert gs % SUB_BLOCK == 0, f"group_size {gs} must be a multiple of {SUB_BLOCK}"  # nor sub-blocks
             blocksize = max(blocksize // gs, 1) * gs

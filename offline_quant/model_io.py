@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from vllm_gptq_plugin import format as fmt
-from vllm_gptq_plugin.offline_quant import report as rpt
+from vllm_gptq_plugin.offline_quant import preflight, report as rpt
 
 CAUSAL_LM_ARCHS = ("CausalLM", "LMHeadModel", "ForConditionalGeneration")  # config.json architectures
 # Where HF causal LMs keep their decoder blocks and final norm (first match wins).
@@ -38,6 +38,7 @@ def load_for_quantization(model_dir: str | os.PathLike, out: str | os.PathLike, 
     model_dir, out = Path(model_dir), Path(out).absolute()
     if out.exists() and not overwrite:
         raise fmt.FormatError(f"{out} already exists: choose another output folder or pass --overwrite")
+    preflight.check_output_folder(out)
     if threads:
         torch.set_num_threads(threads)
     model, src_dtype = load_causal_lm(model_dir)

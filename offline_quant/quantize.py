@@ -7,10 +7,11 @@ The quantizers live in their own modules: driver (GPTQ on a whole model, block b
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from vllm_gptq_plugin import format as fmt
-from vllm_gptq_plugin.offline_quant import devices, distributed, driver, report as rpt, rtn
+from vllm_gptq_plugin.offline_quant import devices, distributed, driver, report as rpt, rtn, stopping
 from vllm_gptq_plugin.offline_quant.calibration import (DEFAULT_BATCH, DEFAULT_CALIB, DEFAULT_FORWARD_DTYPE,
                                                         DEFAULT_NSAMPLES, DEFAULT_SEQLEN, FORWARD_DTYPES,
                                                         Calibration)
@@ -112,11 +113,15 @@ def run(args) -> int:
         path, rep = rtn.quantize_checkpoint(args.model, args.out, cfg, overwrite=args.overwrite,
                                             threads=args.threads, progress=args.progress)
     else:
-        path, rep = driver.quantize_model(args.model, args.out, cfg, calib, resume=args.resume,
-                                          overwrite=args.overwrite, batch_size=args.batch_size,
-                                          threads=args.threads, progress=args.progress,
-                                          offload_activations=args.offload_activations,
-                                          dist_timeout=args.dist_timeout)
+        try:
+            path, rep = driver.quantize_model(args.model, args.out, cfg, calib, resume=args.resume,
+                                              overwrite=args.overwrite, batch_size=args.batch_size,
+                                              threads=args.threads, progress=args.progress,
+                                              offload_activations=args.offload_activations,
+                                              dist_timeout=args.dist_timeout)
+        except stopping.Interrupted as e:  # not an error: the exit status names the signal, as a shell's does
+            print(f"vllm-gptq quantize: {e}", file=sys.stderr)
+            return 128 + e.signum
     if rep is None:  # a rank other than 0 of a distributed run: rank 0 prints the report
         return 0
     print(rpt.table(rep["layers"]))

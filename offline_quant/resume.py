@@ -124,6 +124,12 @@ class WorkState:
             self.pending = {}
             self.last_save = (self.clock() - t0, self.clock())
 
+    def flush(self, done: int, inps: torch.Tensor, rows: list[dict[str, Any]]) -> None:
+        """Save the blocks finished since the last save now (a run about to stop), due or not."""
+        if self.pending:
+            self.save(done, self.pending, inps, rows)
+            self.pending = {}
+
     def save(self, done: int, pending: dict[int, dict[str, dict[str, torch.Tensor]]], inps: torch.Tensor,
              rows: list[dict[str, Any]]) -> None:
         """Write the blocks in `pending` ({block index: packed tensors}) and the state after block done - 1."""

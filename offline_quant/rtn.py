@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from vllm_gptq_plugin import format as fmt
-from vllm_gptq_plugin.offline_quant import checkpoint, grid, model_io, report as rpt
+from vllm_gptq_plugin.offline_quant import checkpoint, grid, model_io, preflight, report as rpt
 
 
 def quantize_weight(W: torch.Tensor, cfg: fmt.QuantConfig):
@@ -52,6 +52,10 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, cf
     memory = {**rpt.memory(run.model, cfg, None), "baseline_rss_mb": run.baseline_mb}
     cfg = checkpoint.stamped(cfg, "rtn")
     targets = checkpoint.quantizable_linears(run.model, cfg)  # refuses shapes the format cannot hold
+    problem = preflight.disk_space_problem(run.out, preflight.checkpoint_bytes(run.model, targets, run.src_dtype,
+                                                                               run.model_dir)[0])
+    if problem:
+        raise fmt.FormatError(problem)
     packed, rows = quantize_layers(targets, cfg, rpt.progress_bars(progress))
     rep = rpt.build("rtn", cfg, None, rows, time.perf_counter() - run.t_start, memory)
     path = checkpoint.write(run.model, packed, cfg, run.out, run.model_dir, overwrite,

@@ -129,6 +129,55 @@ def test_a_rank_that_dies_stops_the_others_by_name_and_the_run_resumes(tiny_llam
     assert not (tmp_path / "q.partial").exists()
 
 
+# Rank 0 sends SIGTERM to torchrun's agent (its parent) in block 0, as `kill <torchrun pid>` would, and
+# goes on only once the agent's forwarded SIGTERM has reached it: the stop then falls after block 0.
+SIGTERM_THE_LAUNCHER_IN_BLOCK_0 = textwrap.dedent("""
+    import os, signal, sys, time
+    from vllm_gptq_plugin import cli
+    from vllm_gptq_plugin.offline_quant import driver, stopping
+    received = []
+    on_signal = stopping.StopRequests._on_signal
+    def note(self, signum, frame):
+        received.append(signum)
+        on_signal(self, signum, frame)
+    stopping.StopRequests._on_signal = note
+    quantize_group = driver.quantize_group
+    def signal_the_launcher(*args, **kwargs):
+        if os.environ["RANK"] == "0" and args[7] == 0 and kwargs["done"] == 0:
+            os.kill(os.getppid(), signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return quantize_group(*args, **kwargs)
+    driver.quantize_group = signal_the_launcher
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_the_block_and_the_run_resumes(tiny_llama, one_process, tmp_path):
+    """torchrun's agent forwards SIGTERM to every worker (and kills them 30 s later, its
+    --shutdown-timeout): all ranks agree to stop after the same block, save the resume state and exit;
+    no checkpoint is left at --out, and the same command resumes to what one process writes."""
+    out = tmp_path / "q"
+    script = tmp_path / "worker.py"
+    script.write_text(SIGTERM_THE_LAUNCHER_IN_BLOCK_0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_port()), str(script),
+           "quantize", "--model", str(tiny_llama), "--out", str(out), *ARGS]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=LIMIT_S)
+    assert proc.returncode != 0
+    assert proc.stderr.count("vllm-gptq quantize: stopped by SIGTERM after 1 of 2 blocks") == 2, proc.stderr[-3000:]
+    assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
+    state = json.loads((tmp_path / "q.partial" / "state.json").read_text())
+    assert state["done"] == 1 and len(state["inputs"]) == 2
+    proc = _torchrun(tiny_llama, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 of 2 blocks already quantized" in proc.stderr
+    same, loss_diff = _compare(one_process, out)
+    assert same >= 0.999 and loss_diff <= 1e-4, (same, loss_diff)
+    assert not (tmp_path / "q.partial").exists()
+
+
 def test_more_ranks_than_samples_is_one_clear_error(tiny_llama, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # checked before any process group is made
     out = tmp_path / "q"
