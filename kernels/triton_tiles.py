@@ -71,9 +71,11 @@ def layer_key(bits: int, group: int, k: int, n: int) -> str:
 def smem_bytes(tile: Tile, bits: int, x_bytes: int) -> int:
     """An upper estimate of the shared memory Triton gives the tile: the pipelined loads (x's tile and
     the int32 words of the weight tile, two loads for 3-bit planes) per stage, the dequantized operand
-    on its way to the tensor cores, and the fp32 accumulator's layout change in the epilogue."""
+    on its way to the tensor cores, and the fp32 accumulator's layout change in the epilogue. The
+    GEMVs keep nothing in flight there: only tl.sum's cross-warp scratch (compiled for sm_90 they take
+    4 B to 2 KiB; triton_aot.py checks every estimate against the compiler's number)."""
     if tile.kernel in ("gemv", "gemvw"):
-        return tile.block_m * tile.block_n * 4
+        return max(2 * tile.block_m * tile.block_n * 4, 4096)
     words = (2 if bits == 3 else 1) * tile.block_k * tile.block_n * 4
     per_stage = tile.block_m * tile.block_k * x_bytes + words
     return (max(tile.num_stages, 1) * per_stage + tile.block_k * tile.block_n * x_bytes
@@ -109,8 +111,12 @@ def check(tile: Tile, bucket: int, group: int, k: int, bits: int, x_bytes: int, 
 
 def rule_of_thumb(bucket: int, group: int, k: int, n: int, bits: int, num_sms: int) -> Tile:
     """Decode is bandwidth-bound: GEMV at M <= 2, 16-row tensor-core tiles to 64 rows, K split until
-    about 2 waves of programs cover the SMs (>= 4 K steps per split); larger M, larger tiles."""
-    if bucket <= 2:
+    about 2 waves of programs cover the SMs (>= 4 K steps per split); larger M, larger tiles. At M = 1
+    the word-wise GEMV where it applies: compiled for sm_90 it holds 63-133 registers a thread where
+    "gemv" (a word per K row) hits the 255 cap (triton_aot.py)."""
+    if bucket == 1 and bits != 3 and group != 0:
+        kernel, bm, bn, bk, warps, stages = "gemvw", 1, 256, 128, 4, 1
+    elif bucket <= 2:
         kernel, bm, bn, bk, warps, stages = "gemv", bucket, 64, 128, 4, 1
     elif bucket <= 64:
         kernel, bm, bn, bk, warps, stages = "gemm", 16 if bucket <= 16 else bucket, 64, 128, 4, 3
