@@ -17,23 +17,22 @@ to the copy bandwidth measured in the same run; and the 4-bit call's eager time 
 (host overhead per call).
 
 CPU: dense bf16 and fp32 F.linear, gptq_gemm (bf16 activations) and the path the dispatch took
-(kernels.cpu.path), and each candidate path forced where the layer's layout allows it (int4pack
-kernel, fused bf16 kernel, dequantized W^T tiles + GEMM) to re-tune the dispatch; speedup = dense /
-gptq; resident weight memory / bf16.
+(kernels.cpu.path: this machine's table from `vllm-gptq tune-cpu`, else the default rule), and each
+candidate path forced where the layer's layout allows it (int4pack kernel, fused bf16 kernel,
+dequantized W^T tiles + GEMM); speedup = dense / gptq; resident weight memory / bf16.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
 from vllm_gptq_plugin import kernels
 from vllm_gptq_plugin.kernels import cpu, cpu_ext
+from vllm_gptq_plugin.kernels.cpu_dispatch import l3_bytes, machine, table_path, time_ms
 from vllm_gptq_plugin.kernels.testing import random_layer
 
 GPU_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))
@@ -115,41 +114,9 @@ def gpu_table(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def cpu_name() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f" {f}" in flags]
-    return f"{model} ({', '.join(isa)}; torch capability {torch.backends.cpu.get_cpu_capability()})"
-
-
-def l3_bytes() -> int:
-    """The largest cache sysfs lists for CPU 0 (0 when it cannot be read)."""
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
-        sizes.append(int(text.rstrip("KMG")) * unit)
-    return max(sizes, default=0)
-
-
-def time_ms(fns, min_time: float, min_reps: int = 5, warm_up: bool = True) -> float:
-    """Best ms per call over >= min_reps cycles through `fns` and >= min_time seconds, after one warm-up
-    cycle (the minimum, not the median: on a shared machine other processes only ever add time)."""
-    def cycle():
-        for f in fns:
-            f()
-    if warm_up:
-        cycle()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        cycle()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3 / len(fns)
+    m = machine()
+    table = "its tuned CPU table" if table_path(m).exists() else "no tuned CPU table: the default dispatch"
+    return f"{m['cpu']} ({', '.join(m['isa'])}; torch capability {m['torch_capability']}; {table})"
 
 
 def copies(make, nbytes: int, stream: int) -> list:

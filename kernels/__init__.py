@@ -15,11 +15,13 @@ torch.compile and CUDA graphs see as a single node. Which kernel serves a call:
     CPU, bf16, AVX512-BF16, N % 64 == 0, group runs of even length
                        -> fused: one compiled kernel for every M (kernels/csrc/cpu_gemm_bf16.cpp)
     CPU, otherwise, bits <= 4, N % 64 == 0, groups tile K
-                       -> int4pack: torch's int4pack GEMM for M <= cpu.INT4PACK_MAX_M, else W^T
-                          dequantized in cache-sized column tiles + one GEMM per tile
+                       -> int4pack: torch's int4pack GEMM for small M, else W^T dequantized in
+                          cache-sized column tiles + one GEMM per tile
     CPU, otherwise     -> dequant: uint8 weights, the same tiles + GEMM for every M
 
-cpu.py states the CPU layouts and `cpu.path` decides among them per M. The CPU paths compute in
+cpu.py states the CPU layouts; where a layout allows more than one path, `cpu.path` takes the one
+measured fastest on this machine for the M bucket (cpu_dispatch.py, `vllm-gptq tune-cpu`), else a
+default rule. The CPU paths compute in
 T = prepare's dtype (x of another dtype is cast to T and the result back).
 """
 from __future__ import annotations

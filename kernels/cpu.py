@@ -38,11 +38,6 @@ from vllm_gptq_plugin import format as fmt
 
 from . import cpu_ext
 
-# For layers the fused kernel cannot serve (fp16/fp32, no AVX512-BF16). int4pack's time grows linearly
-# with M; dequantizing W^T tiles costs a fixed ~1 ms per 4096x4096 plus the dense GEMM. On the 2-core
-# AVX-512 dev box (4096x4096, bf16, noisy) they crossed between M = 16 and 32; benchmarks/kernels.py
-# prints the paths side by side per M.
-INT4PACK_MAX_M = 16
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
 INT4PACK_BLOCK_N = 64  # N must be a multiple of this (both of torch's block sizes divide it)
 WT_TILE_BYTES = 2 << 20  # a W^T column tile per GEMM: fits L2/L3 next to its GEMM's operands
@@ -104,11 +99,18 @@ def _or_none(t: torch.Tensor) -> torch.Tensor | None:
     return t if t.numel() else None
 
 
+def paths(w: Int4PackWeights | DequantWeights) -> tuple[str, ...]:
+    """The CPU kernels that can serve this layer's layout (cpu_dispatch.PATHS order)."""
+    if isinstance(w, Int4PackWeights):
+        return ("fused", "int4pack", "tiles") if w.segments is not None else ("int4pack", "tiles")
+    return ("fused",) if w.segments is not None else ("tiles",)  # the fused layout blocks q
+
+
 def path(w: Int4PackWeights | DequantWeights, m: int) -> str:
-    """Which CPU kernel serves M rows: "fused" | "int4pack" | "tiles" (the one place that decides)."""
-    if w.segments is not None:
-        return "fused"
-    return "int4pack" if isinstance(w, Int4PackWeights) and m <= INT4PACK_MAX_M else "tiles"
+    """Which CPU kernel serves M rows: "fused" | "int4pack" | "tiles", as cpu_dispatch chooses (a table
+    measured on this machine, else its default rule)."""
+    from . import cpu_dispatch
+    return cpu_dispatch.path(paths(w), w.dtype, w.in_features, w.out_features, m)
 
 
 @functools.cache

@@ -12,6 +12,11 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The CPU dispatch reads a table measured on this machine (kernels/cpu_dispatch.py) from the user's cache:
+# tests see none (an empty folder of their own) unless they write one, so a developer's tuned table
+# never changes which path a test expects.
+import tempfile  # noqa: E402
+os.environ["VLLM_GPTQ_CPU_TABLES"] = tempfile.mkdtemp(prefix="vllm-gptq-cpu-tables-")
 CACHE = Path(os.environ.get("VLLM_GPTQ_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
 MODEL_VERSION = "v1"  # bump when models.py changes how test models are built
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gptq_reference as ref
-from vllm_gptq_plugin.kernels import cpu, gptq_gemm, prepare
+from vllm_gptq_plugin.kernels import cpu, cpu_dispatch, gptq_gemm, prepare
 
 ON_GPU = torch.cuda.is_available()
 
@@ -44,7 +44,7 @@ def _paths(model, m):
 
 
 CASES = [  # (backend, bits, dtype): each CPU layout and the Triton layout
-    ("int4pack", 4, torch.float32),   # int4pack GEMM at M <= 16, tiles above
+    ("int4pack", 4, torch.float32),   # a measured table: int4pack GEMM at M <= 16, tiles above
     ("dequant", 8, torch.float16),    # tiles at every M
     (None, 4, torch.bfloat16),        # the dispatch's choice: fused on AVX512-BF16, else int4pack/tiles
     ("triton", 3, torch.float32),     # Triton (interpreted without a GPU)
@@ -52,8 +52,19 @@ CASES = [  # (backend, bits, dtype): each CPU layout and the Triton layout
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture
+def int4pack_then_tiles(tmp_path, monkeypatch):
+    """This machine's CPU table (cpu_dispatch) says: int4pack up to M = 16, tiles above."""
+    monkeypatch.setattr(cpu_dispatch, "TABLE_DIR", tmp_path)
+    fake = lambda key, fns: {"int4pack": 1.0, "tiles": 2.0, "fused": 3.0}[key[3]] * (1 if key[2] <= 16 else -1) + 9
+    cpu_dispatch.write(cpu_dispatch.measure(((128, 256), (256, 128)), (1, 16, 64), torch.float32, stream_bytes=0,
+                                            timer=fake))
+    yield
+    cpu_dispatch.clear_cache()
+
+
 @pytest.mark.parametrize("backend,bits,dtype", CASES)
-def test_compiled_fullgraph_dynamic_matches_eager(backend, bits, dtype):
+def test_compiled_fullgraph_dynamic_matches_eager(backend, bits, dtype, int4pack_then_tiles):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = TinyMLP(bits, dtype, backend)

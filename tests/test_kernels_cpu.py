@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gptq_reference as ref
-from vllm_gptq_plugin.kernels import cpu, gptq_gemm, prepare
+from vllm_gptq_plugin.kernels import cpu, cpu_dispatch, gptq_gemm, prepare
 from gptq_reference import CASES, ZERO_CONVENTIONS, assert_close, random_layer
 
 MS = (1, 3, 16, 33)
@@ -20,7 +20,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def test_small_m_and_large_m_both_tested():
-    assert min(MS) <= cpu.INT4PACK_MAX_M < max(MS)
+    assert min(MS) <= cpu_dispatch.INT4PACK_MAX_M < max(MS)  # the default dispatch (no table in tests)
 
 
 @pytest.mark.parametrize("sym,checkpoint_format", ZERO_CONVENTIONS)

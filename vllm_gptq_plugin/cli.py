@@ -15,6 +15,7 @@ COMMANDS = {
     "ppl": ("vllm_gptq_plugin.offline_quant.ppl", "perplexity of a fp or quantized model on a text file"),
     "generate": ("vllm_gptq_plugin.generate", "generate text with vLLM and the gptq-plugin quantization"),
     "export-gguf": ("vllm_gptq_plugin.offline_quant.gguf_export", "export a checkpoint to a GGUF file"),
+    "tune-cpu": ("vllm_gptq_plugin.kernels.cpu_dispatch", "time the CPU kernels on this machine; the dispatch uses the table"),
     "eval": ("vllm_gptq_plugin.offline_quant.evaluate", "run lm-eval tasks on checkpoints, one comparison table"),
 }
 
