@@ -263,11 +263,11 @@ def run(args) -> int:
     return 0
 
 
-def show(m: dict, path: Path) -> str:
+def show(m: dict, table: Path) -> str:
     """The table as text: per entry and M, ms per path and the pick."""
     clear_cache()
-    entries = _entries(path, json.dumps(m, sort_keys=True))
-    lines = [f"CPU kernel table {path}", f"machine: {m['cpu']} ({', '.join(m['isa'])}; torch {m['torch']}, "
+    entries = _entries(table, json.dumps(m, sort_keys=True))
+    lines = [f"CPU kernel table {table}", f"machine: {m['cpu']} ({', '.join(m['isa'])}; torch {m['torch']}, "
              f"capability {m['torch_capability']}, {m['threads']} threads)"]
     if not entries:
         return "\n".join(lines + ["no table: the default dispatch (cpu_dispatch.default: fused, else int4pack "
@@ -279,11 +279,6 @@ def show(m: dict, path: Path) -> str:
         for mm in sorted(by_m, key=int):
             times = " ".join(f"{p} {by_m[mm][p]:.3f}" for p in PATHS if p in by_m[mm])
             lines.append(f"{layout:>15} {dtype:>9} {k:>6}x{n:<6} M={mm:<4} {times}  -> "
-                         f"{path_for(entries, key, paths, int(mm))}")
+                         f"{path(paths, getattr(torch, dtype), k, n, int(mm))}")
     return "\n".join(lines)
 
-
-def path_for(entries: dict, key: str, paths: tuple[str, ...], m: int) -> str:
-    layout, dtype, k, n = _parse_key(key)
-    limits, picks = plan(paths, getattr(torch, dtype), k, n)
-    return picks[min(bisect.bisect_left(limits, m), len(picks) - 1)] if limits else default(paths, getattr(torch, dtype), m)
