@@ -328,6 +328,10 @@ def to_gptq(peer_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: 
     peer_run = peer_dir / "peer_run.json"
     if peer_run.exists():
         meta["peer_run"] = json.loads(peer_run.read_text())
+        versions = meta["peer_run"].get("versions") or {}
+        peer = meta["peer_run"].get("peer")
+        if peer in versions:
+            meta["quantizer"] = f"{peer}:{versions[peer]}"
     cfg = fmt.QuantConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act or bool(info.get("desc_act")),
                           static_groups=bool(info.get("static_groups")),
                           damp_percent=float(info["damp_percent"] if info.get("damp_percent") is not None
@@ -347,7 +351,8 @@ def to_gptq(peer_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: 
                 shutil.copy2(Path(source) / fname, out / fname)
     fmt.validate(out)
     print(f"convert: {peer_dir} ({kind}, {len(layers)} layers, {bits}-bit g{group_size} "
-          f"{'sym' if sym else 'asym'}{', act-order g_idx' if desc_act else ''}) -> {out} "
+          f"{'sym' if sym else 'asym'}{', act-order g_idx' if desc_act else ''}"
+          f"{', static act-order' if cfg.static_groups and cfg.desc_act else ''}) -> {out} "
           f"(GPTQ, checkpoint_format {ckpt_format}, exact)", file=sys.stderr)
     return out
 
@@ -382,6 +387,92 @@ def _write_dense(peer_dir: Path, out: Path, layers: dict[str, Layer], rest: dict
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a peer on our calibration windows
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+PEERS = ("llmcompressor", "gptqmodel")
+
+
+def peer_python(peer: str) -> Path:
+    """The peer venv's python ($PEERS_VENV_ROOT or .cache/peers), made by setup.sh when missing."""
+    import subprocess
+    if peer not in PEERS:
+        raise ValueError(f"unknown peer {peer!r}: one of {PEERS}")
+    root = Path(os.environ.get("PEERS_VENV_ROOT", REPO / ".cache" / "peers"))
+    venv = root / f"{peer}-venv"
+    py = venv / "bin" / "python"
+    if not (venv / ".peer-setup-stamp").exists():
+        subprocess.run(["bash", str(REPO / "benchmarks" / "peers" / "setup.sh"), peer], check=True,
+                       env={**os.environ, "PEER_VENV": str(venv)})
+    return py
+
+
+def quantize_with_peer(peer: str, model_dir: str | os.PathLike, ids: torch.Tensor, bits: int, group_size: int,
+                       act_order: bool, sym: bool, out_dir: str | os.PathLike, threads: int = 1,
+                       damp: float | None = None, extra_args: tuple[str, ...] = ()) -> Path:
+    """Quantize `model_dir` with `peer` on exactly the calibration windows `ids` [nsamples, seqlen]
+    (int64 token ids), convert the result with to_gptq, and return the converted folder `out_dir`.
+
+    Next to out_dir: `<out_dir>.ids.safetensors` (the windows handed over), `<out_dir>.native/` (the
+    peer's own checkpoint, with peer_run.json) and `<out_dir>.log` (the peer's output). Work whose
+    output exists for the same inputs (peer_key.json: peer, model, sha1 of the ids, settings) is
+    skipped; an out_dir made from other inputs is an error (remove it).
+    """
+    import hashlib
+    import subprocess
+    from safetensors.torch import save_file
+    model_dir, out = Path(model_dir).absolute(), Path(out_dir).absolute()
+    ids = ids.to(torch.int64).contiguous()
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be [nsamples, seqlen], found {list(ids.shape)}")
+    key = {"peer": peer, "model": str(model_dir), "ids_sha1": hashlib.sha1(ids.numpy().tobytes()).hexdigest(),
+           "ids_shape": list(ids.shape), "bits": bits, "group_size": group_size, "act_order": act_order,
+           "sym": sym, "damp": damp, "extra_args": list(extra_args)}
+    native, ids_file, log = (out.with_name(out.name + sfx) for sfx in (".native", ".ids.safetensors", ".log"))
+
+    def matches(folder: Path) -> bool:
+        f = folder / "peer_key.json"
+        if not f.exists():
+            return False
+        if json.loads(f.read_text()) != key:
+            raise fmt.FormatError(f"{folder} was made from other inputs than these ({f}); remove it or "
+                                  "choose another out_dir")
+        return True
+
+    if out.exists() and matches(out):
+        print(f"peers: {out} is up to date", file=sys.stderr)
+        return out
+    if not (native.exists() and matches(native)):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"input_ids": ids}, ids_file)
+        tmp = native.with_name(native.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        runner = REPO / "benchmarks" / "peers" / f"run_{peer}.py"
+        cmd = [str(peer_python(peer)), str(runner), "--model", str(model_dir), "--ids", str(ids_file),
+               "--bits", str(bits), "--group-size", str(group_size),
+               "--act-order" if act_order else "--no-act-order", "--sym" if sym else "--asym",
+               "--threads", str(threads), "--out", str(tmp), *extra_args]
+        if damp is not None:
+            cmd += ["--damp", str(damp)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "GPTQMODEL_CPU_WORKERS": str(max(2, threads)), "TOKENIZERS_PARALLELISM": "false",
+               "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        print(f"peers: running {peer} ({' '.join(cmd[1:])}), output in {log}", file=sys.stderr)
+        with open(log, "w") as fh:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0 or not (tmp / "config.json").exists():
+            tail = log.read_text(errors="replace").replace("\r", "\n").splitlines()[-15:]
+            raise RuntimeError(f"{peer} failed (exit {proc.returncode}); last lines of {log}:\n" + "\n".join(tail))
+        (tmp / "peer_key.json").write_text(json.dumps(key, indent=2))
+        shutil.rmtree(native, ignore_errors=True)
+        os.rename(tmp, native)
+    to_gptq(native, out, overwrite=True, source=model_dir)
+    (out / "peer_key.json").write_text(json.dumps(key, indent=2))
     return out
 
 
