@@ -34,12 +34,13 @@ def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: QuantCon
     calib: calibration text sources ("mix" = Shakespeare + Python docs, "pydocs", "shakespeare",
     "corpus:split", .txt/.jsonl files, HF dataset folders); nsamples windows of seqlen tokens drawn
     with `seed`. method "rtn" needs no calibration. An interrupted run resumes when called again with
-    the same arguments (resume=False discards it). forward_dtype: "bf16" (default) or "fp32" calibration
-    forward passes. device: "auto" (the GPU when torch sees one), "cuda[:N]" or "cpu": where GPTQ runs
-(RTN runs on the CPU); offload_activations: on a GPU, keep the calibration activations in pinned CPU
-memory. Launched by torchrun, the ranks share the calibration samples (docs/QUANTIZE.md).
-The per-layer report is `out`/quant_report.json. SIGTERM or SIGINT (Ctrl-C) stops a GPTQ run once the
-current block is done, its resume state saved, raising stopping.Interrupted (a KeyboardInterrupt).
+    the same arguments (resume=False discards it). forward_dtype: "auto" (default: bf16 where the
+    device computes it fast, else fp32), "bf16" or "fp32" calibration forward passes. device: "auto"
+    (the GPU when torch sees one), "cuda[:N]" or "cpu": where GPTQ runs (RTN runs on the CPU);
+    offload_activations: on a GPU, keep the calibration activations in pinned CPU memory. Launched by
+    torchrun, the ranks share the calibration samples (docs/QUANTIZE.md). The per-layer report is
+    `out`/quant_report.json. SIGTERM or SIGINT (Ctrl-C) stops a GPTQ run once the current block is
+    done, its resume state saved, raising stopping.Interrupted (a KeyboardInterrupt).
     """
     if method == "rtn":
         return _rtn.quantize_checkpoint(model_dir, out, cfg or QuantConfig(), overwrite=overwrite,

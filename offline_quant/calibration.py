@@ -13,8 +13,20 @@ DEFAULT_SEQLEN = 512  # the paper uses 128 x 2048; 512 tokens suffice for small 
 DEFAULT_BATCH = 4  # samples per forward: 8 ran no faster and its temporaries fragmented the heap (peak RSS)
 # Block forwards are ~3/4 of a run; bf16 matmuls are ~4x faster than fp32 on AVX512-BF16 CPUs and
 # GPUs, and cost no measurable quality (benchmarks/quality.py, README). Weights and solves stay fp32.
-FORWARD_DTYPES = ("bf16", "fp32")
-DEFAULT_FORWARD_DTYPE = "bf16"
+# Where the CPU has no bf16 dot products (AVX2, AVX-512 without BF16) a bf16 GEMM ran 6x slower than
+# fp32 (benchmarks/KERNELS.md): "auto" takes bf16 only where it is fast (resolve_forward_dtype).
+FORWARD_DTYPES = ("auto", "bf16", "fp32")
+DEFAULT_FORWARD_DTYPE = "auto"
+
+
+def resolve_forward_dtype(name: str, device: str) -> str:
+    """"auto" -> "bf16" on a GPU or a CPU with AVX512-BF16 / AMX, else "fp32"; others unchanged."""
+    if name != "auto":
+        return name
+    if torch.device(device).type != "cpu":
+        return "bf16"
+    from vllm_gptq_plugin.kernels import cpu_dispatch
+    return "bf16" if cpu_dispatch.fast_bf16_gemm() else "fp32"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -311,3 +311,18 @@ def test_peak_rss_is_the_process_own_not_its_parents():
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < rpt.peak_rss_mb() - 500, (child, rpt.peak_rss_mb())
     del ballast
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_auto_forward_dtype_takes_bf16_only_where_it_is_fast(tiny_llama, tmp_path, monkeypatch, fast_bf16):
+    """"auto" (the default) resolves before the run, so the report and the resume key name the dtype
+    the blocks really ran in: bf16 on GPUs and AVX512-BF16/AMX CPUs, fp32 on other CPUs."""
+    from vllm_gptq_plugin.kernels import cpu_dispatch
+    from vllm_gptq_plugin.offline_quant.calibration import resolve_forward_dtype
+    monkeypatch.setattr(cpu_dispatch, "fast_bf16_gemm", lambda: fast_bf16)
+    assert resolve_forward_dtype("auto", "cpu") == ("bf16" if fast_bf16 else "fp32")
+    assert resolve_forward_dtype("auto", "cuda:0") == "bf16"
+    assert resolve_forward_dtype("fp32", "cuda") == "fp32" and resolve_forward_dtype("bf16", "cpu") == "bf16"
+    path = api.quantize(tiny_llama, tmp_path / "q", api.QuantConfig(bits=4, group_size=64), device="cpu", **CALIB)
+    rep = json.loads((path / rpt.REPORT_FILE).read_text())
+    assert rep["calibration"]["forward_dtype"] == ("bf16" if fast_bf16 else "fp32")
