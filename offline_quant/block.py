@@ -16,6 +16,7 @@ from vllm_gptq_plugin.offline_quant.devices import Placement
 from vllm_gptq_plugin.offline_quant.distributed import World
 from vllm_gptq_plugin.offline_quant.gptq import GPTQ
 from vllm_gptq_plugin.offline_quant.memo import ChildMemo, use_memo
+from vllm_gptq_plugin.offline_quant.refine import Solved
 from vllm_gptq_plugin.offline_quant.tracing import block_output, inputs_of
 
 
@@ -24,7 +25,8 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
                    acts: torch.Tensor, kwargs: list[dict[str, Any]], batches: list[slice],
                    cfg: fmt.QuantConfig, block_index: int, progress: Callable[[str], None], calib: Calibration,
                    fp_block=None, last: bool = False, memos: tuple[ChildMemo, ChildMemo | None] | None = None,
-                   done: int = 0, place: Placement = Placement(), world: World = World()):
+                   done: int = 0, place: Placement = Placement(), world: World = World(),
+                   keep: dict[str, Solved] | None = None):
     """Hessians of `members` from the block's forward over the calibration set, then GPTQ each.
 
     acts[0] holds the block's inputs in the quantized model; with fp targets (fp_block: the block's
@@ -33,7 +35,8 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
     Members reading the same input share one Hessian (accumulated once, copied). The forwards stop
     before the last member runs: nothing after it is needed. memos: the quantized and fp blocks'
     ChildMemos; done: how many of the block's groups are quantized already; place: where the block
-    runs and the activations live; world: the ranks, which sum their Hessians (rank 0 solves).
+    runs and the activations live; world: the ranks, which sum their Hessians (rank 0 solves);
+    keep: where each member's GPTQ result goes for refine.refine_block (with --refine).
     """
     gptq = {m: GPTQ(layers[m][0], layers[m][2]) for m in members}
     alias: dict[str, str] = {}
@@ -78,8 +81,10 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
         module, lcfg, full = layers[m]
         if world.leader:  # rank 0 solves; the others receive the result
             progress(full)
-            packed[full], row = _solve(gptq[m], module, lcfg, cfg.checkpoint_format, block_index)
+            packed[full], row, result = _solve(gptq[m], module, lcfg, cfg.checkpoint_format, block_index)
             rows.append(row)
+            if keep is not None:
+                keep[m] = Solved(module, result.q, result.scales, result.zeros, result.g_idx)
         gptq[m].free()
         world.broadcast_(module.weight.data, f"sending the quantized weights of {full}")
         if m in kept:  # the child's output in every later pass
@@ -88,9 +93,9 @@ def quantize_group(block, members: list[str], layers: dict[str, tuple[torch.nn.L
 
 
 def _solve(gptq: GPTQ, module: torch.nn.Linear, lcfg: fmt.QuantConfig, checkpoint_format: str,
-           block_index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+           block_index: int):
     """GPTQ of one Linear from its accumulated H: its weight becomes the dequantized Q; returns its
-    packed tensors and report row."""
+    packed tensors, report row and the GPTQResult."""
     t0 = time.perf_counter()
     # fasterquant sets dead columns' diagonal to 1 in H; SQNR needs the raw H (a vector kept, not a copy)
     diag = gptq.H.diagonal().clone()
@@ -103,7 +108,7 @@ def _solve(gptq: GPTQ, module: torch.nn.Linear, lcfg: fmt.QuantConfig, checkpoin
                                     checkpoint_format)
     seconds = time.perf_counter() - t0
     return packed, rpt.row(gptq.name, block_index, lcfg, result.stats, rpt.output_sqnr_db(W, result.Q, gptq.H),
-                           seconds)
+                           seconds), result
 
 
 @torch.no_grad()

@@ -46,10 +46,11 @@ from typing import Any
 import torch
 
 from vllm_gptq_plugin import format as fmt
-from vllm_gptq_plugin.offline_quant import (checkpoint, devices, distributed, model_io, preflight, report as rpt,
-                                            stopping)
+from vllm_gptq_plugin.offline_quant import (checkpoint, devices, distributed, model_io, preflight, refine,
+                                            report as rpt, stopping)
 from vllm_gptq_plugin.offline_quant.block import quantize_group, run_block
-from vllm_gptq_plugin.offline_quant.calibration import DEFAULT_BATCH, FORWARD_DTYPES, Calibration
+from vllm_gptq_plugin.offline_quant.calibration import (DEFAULT_BATCH, FORWARD_DTYPES, Calibration,
+                                                        resolve_forward_dtype)
 from vllm_gptq_plugin.offline_quant.gptq import GPTQ, NonFiniteActivations
 from vllm_gptq_plugin.offline_quant.memo import ChildMemo
 from vllm_gptq_plugin.offline_quant.resume import WorkState, run_key
@@ -78,11 +79,17 @@ def quantize_model(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: fm
         raise fmt.FormatError(f"{ranks} ranks but {calib.nsamples} calibration samples: each rank needs at "
                               f"least one; pass --nsamples {ranks} or more, or launch fewer ranks")
     preflight.check_seqlen(Path(model_dir), calib.seqlen)
+    if cfg.meta.get("refine") and not cfg.meta.get("fp_targets"):
+        raise fmt.FormatError("--refine fits each block to the fp model's outputs, which only the fp-target path "
+                              "computes: drop --no-fp-targets, or --refine")
+    if cfg.meta.get("refine") and ranks > 1:
+        raise fmt.FormatError("--refine runs in one process for now: launch without torchrun, or drop --refine")
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if ranks > 1 else None
     device = devices.resolve(calib.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # what code that does not name a device (libraries) then uses
-    calib = dataclasses.replace(calib, device=str(device))
+    calib = dataclasses.replace(calib, device=str(device),
+                                forward_dtype=resolve_forward_dtype(calib.forward_dtype, str(device)))
     world = distributed.join(device.type, dist_timeout)
     try:
         return _quantize_model(model_dir, out, cfg, calib, resume, overwrite, batch_size, threads, progress,
@@ -179,6 +186,7 @@ def _gptq(model, model_dir: Path, targets, cfg: fmt.QuantConfig, calib: Calibrat
     batches = batch_slices(ids.shape[0], batch_size)
     fp_targets = bool(cfg.meta.get("fp_targets", False))
     weights = model_io.BlockWeights(model_dir)
+    refining = bool(cfg.meta.get("refine"))
     state = work.load(resume)
     if state is None:
         start, packed, rows = 0, {}, []
@@ -208,7 +216,7 @@ def _gptq(model, model_dir: Path, targets, cfg: fmt.QuantConfig, calib: Calibrat
                 passthrough = passthrough_children(block, groups, x, block_kw[0])
             del x
         layer_bar = bars(total=len(layers), desc=f"block {i}", unit="layer", leave=False)
-        block_packed = {}
+        block_packed, keep = {}, ({} if refining else None)
         fp_block = copy.deepcopy(block) if fp_targets else None
         memos = (ChildMemo(block, groups, batches, passthrough=passthrough, place=place),
                  ChildMemo(fp_block, groups, batches, fp=True, place=place) if fp_targets else None)
@@ -217,11 +225,14 @@ def _gptq(model, model_dir: Path, targets, cfg: fmt.QuantConfig, calib: Calibrat
                 layer_bar.set_postfix_str(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
             p, r = quantize_group(block, members, layers, acts, block_kw, batches, cfg, i, step, calib,
                                   fp_block, last=members is groups[-1], memos=memos, done=done, place=place,
-                                  world=world)
+                                  world=world, keep=keep)
             layer_bar.update(len(members))
             block_packed.update(p)
             rows.extend(r)
         layer_bar.close()
+        if keep:  # acts[1] holds the fp block's outputs now (the last group's pass moved it on)
+            if _refine(block, keep, layers, acts, block_kw, batches, cfg, calib, i, place, block_packed, rows):
+                memos = (None, memos[1])  # its attention outputs are those of the weights before refinement
         run_block(block, acts[0], block_kw, batches, calib.autocast, memos[0], len(groups), place)
         del fp_block, memos, block_kw
         weights.drop(linears)
@@ -242,6 +253,28 @@ def _gptq(model, model_dir: Path, targets, cfg: fmt.QuantConfig, calib: Calibrat
             packed["lm_head"], row = lm_head
             rows.append(row)
     return packed, rows
+
+
+def _refine(block, keep, layers, acts, block_kw, batches, cfg: fmt.QuantConfig, calib: Calibration, index: int,
+            place: devices.Placement, block_packed: dict, rows: list) -> bool:
+    """refine.refine_block on block `index` after GPTQ; the refined layers re-packed into block_packed and
+    their report rows annotated. True if the block kept the refined weights."""
+    opts = cfg.meta["refine"]
+    refined, stats = refine.refine_block(block, keep, acts[0], acts[1], block_kw, batches, calib.autocast,
+                                         place.fetch, iters=opts.get("iters", refine.DEFAULT_ITERS),
+                                         lr=opts.get("lr"), seed=calib.seed + index)
+    by_name = {layers[m][2]: m for m in keep}
+    for row in rows:
+        m = by_name.get(row["name"])
+        if m is not None and row["block"] == index:
+            row["refine"] = {**{k: stats[k] for k in ("loss_before", "loss_after", "kept")},
+                             **(refined[m].stats if m in refined else {})}
+    for m, res in refined.items():
+        module, lcfg, full = layers[m]
+        solved = keep[m]
+        block_packed[full] = checkpoint.pack_linear(module, res.q, solved.zeros, res.scales, solved.g_idx, lcfg,
+                                                    cfg.checkpoint_format)
+    return bool(refined)
 
 
 @torch.no_grad()

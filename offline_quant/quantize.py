@@ -12,6 +12,7 @@ from typing import Any
 
 from vllm_gptq_plugin import format as fmt
 from vllm_gptq_plugin.offline_quant import devices, distributed, driver, report as rpt, rtn, stopping
+from vllm_gptq_plugin.offline_quant.refine import DEFAULT_ITERS as DEFAULT_REFINE_ITERS
 from vllm_gptq_plugin.offline_quant.calibration import (DEFAULT_BATCH, DEFAULT_CALIB, DEFAULT_FORWARD_DTYPE,
                                                         DEFAULT_NSAMPLES, DEFAULT_SEQLEN, FORWARD_DTYPES,
                                                         Calibration)
@@ -63,6 +64,11 @@ def add_arguments(p) -> None:
                    help="damping of the fp-target correction, a fraction of mean diag(H) (default 0.1)")
     p.add_argument("--refine-scales", action=on_off, default=DEFAULTS["refine_scales"],
                    help="re-fit group scales to GPTQ's levels by least squares on H after the solve")
+    p.add_argument("--refine", action=on_off, default=False,
+                   help="after GPTQ, tune each block's rounding and group scales against the fp block's outputs "
+                        "(signed gradient descent, offline_quant/refine.py); same checkpoint format")
+    p.add_argument("--refine-iters", type=int, default=None, metavar="N",
+                   help="refinement steps per block, one calibration batch each (default %d)" % DEFAULT_REFINE_ITERS)
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="quantize all of a block's Linears from fp inputs (faster, slightly worse)")
     p.add_argument("--format", dest="checkpoint_format", choices=fmt.FORMATS, default="gptq")
@@ -77,7 +83,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--forward-dtype", choices=FORWARD_DTYPES, default=DEFAULT_FORWARD_DTYPE,
-                   help="dtype of the calibration forward passes (bf16: ~2-4x faster on CPU)")
+                   help="dtype of the calibration forward passes; auto: bf16 on GPUs and on CPUs with "
+                        "AVX512-BF16 or AMX (2-4x faster there), fp32 elsewhere")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="calibration samples per forward")
     p.add_argument("--device", choices=devices.DEVICES, default="auto",
                    help="where GPTQ runs: auto (the GPU when torch sees one), cuda or cpu; under torchrun "
@@ -96,6 +103,8 @@ def add_arguments(p) -> None:
 
 
 def config_from_args(args) -> fmt.QuantConfig:
+    if args.refine_iters is not None and (args.refine_iters < 1 or not args.refine):
+        raise fmt.FormatError(f"--refine-iters {args.refine_iters}: needs --refine and a count >= 1")
     dynamic: dict[str, dict[str, Any]] = {f"-:{regex}": {} for regex in args.skip}
     dynamic.update(parse_rule(r) for r in args.rule)
     return fmt.QuantConfig(bits=args.bits, group_size=args.group_size, desc_act=args.act_order,
@@ -103,7 +112,9 @@ def config_from_args(args) -> fmt.QuantConfig:
                            damp_percent=args.damp_percent, true_sequential=args.true_sequential,
                            checkpoint_format=args.checkpoint_format, lm_head=args.lm_head, dynamic=dynamic,
                            meta={**{k: True for k in ("mse", "fp_targets", "refine_scales") if getattr(args, k)},
-                                 **({"fp_target_damp": args.fp_target_damp} if args.fp_target_damp is not None else {})})
+                                 **({"fp_target_damp": args.fp_target_damp} if args.fp_target_damp is not None else {}),
+                                 **({"refine": {"iters": args.refine_iters or DEFAULT_REFINE_ITERS}}
+                                    if args.refine else {})})
 
 
 def run(args) -> int:

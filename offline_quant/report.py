@@ -176,6 +176,12 @@ def summary(report: dict[str, Any]) -> str:
                      f"{mem['gpu_bound_mb']:.0f} MiB)")
     if finite:
         lines.append(f"output SQNR: min {min(finite):.1f} dB, mean {sum(finite) / len(finite):.1f} dB")
+    refined = {r["block"]: r["refine"] for r in rows if r.get("refine")}
+    if refined:
+        kept = [b for b in refined.values() if b["kept"]]
+        gain = sum(1 - b["loss_after"] / b["loss_before"] for b in kept) / max(len(kept), 1)
+        lines.append(f"refine: {len(kept)} of {len(refined)} blocks lowered their output error (by "
+                     f"{100 * gain:.1f}% on average) and kept the refined weights; the others kept GPTQ's")
     escalated = [r["name"] for r in rows if r.get("escalations")]
     if escalated:
         lines.append(f"damping escalated on {len(escalated)} layers: {', '.join(escalated[:5])}")
