@@ -15,6 +15,8 @@ min), so the "fp" model is itself a dequantized 4-bit model.
 
     .venv/bin/python benchmarks/quality.py            # the full run (about an hour on 2 cores)
     .venv/bin/python benchmarks/quality.py --quick    # smoke run: 4-bit g64 only, tiny calibration
+    .venv/bin/python benchmarks/quality.py --configs "4b g64 act-order" --no-cross --dry-run
+    .venv/bin/python benchmarks/quality.py --refine --cross-nsamples 32 ...  # table 2 with GPTQ+refine
     .venv/bin/python benchmarks/quality.py --configs "4b g64,3b g64" --methods rtn --dry-run
                                                       # print (and check) the runs, run nothing
 """
@@ -49,8 +51,9 @@ CROSS_CALIB = ("pydocs", "shakespeare")
 def quantize_command(args, name: str, method: str, calib: str) -> tuple[Path, list[str]]:
     """The checkpoint folder of one run and the `vllm-gptq quantize` command that makes it."""
     out = args.work / f"{method}-{calib}-{name.replace(' ', '-')}-{args.nsamples}x{args.seqlen}"
+    flags = ["--method", "gptq", "--refine"] if method == "gptq-refine" else ["--method", method]
     cmd = [sys.executable, "-m", "vllm_gptq_plugin.cli", "quantize", "--model", str(args.model),
-           "--out", str(out), "--method", method, *CONFIGS[name], "--calib", calib, "--nsamples",
+           "--out", str(out), *flags, *CONFIGS[name], "--calib", calib, "--nsamples",
            str(args.nsamples), "--seqlen", str(args.seqlen), "--no-progress", *args.extra]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -119,13 +122,19 @@ def main() -> int:
     p.add_argument("--methods", type=names_of(METHODS), default=list(METHODS),
                    help="rtn,gptq or rtn alone (the baseline table)")
     p.add_argument("--no-cross", action="store_true", help="skip table 2 (cross-domain)")
+    p.add_argument("--cross-only", action="store_true", help="skip table 1")
+    p.add_argument("--refine", action="store_true", help="table 2 also with `quantize --refine` (GPTQ+refine)")
+    p.add_argument("--cross-configs", type=names_of(tuple(CONFIGS)), default=list(CROSS_CONFIGS),
+                   help="configs of table 2")
+    p.add_argument("--cross-calib", type=names_of(CROSS_CALIB), default=list(CROSS_CALIB),
+                   help="calibration corpora of table 2")
     p.add_argument("--dry-run", action="store_true",
                    help="print the quantize commands this run would make and exit (checks a command line)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more `vllm-gptq quantize` flags for every run (e.g. --asym)")
     args = p.parse_args()
-    configs = args.configs
-    cross = () if args.no_cross or "gptq" not in args.methods else CROSS_CONFIGS
+    configs = [] if args.cross_only else args.configs
+    cross = () if args.no_cross or "gptq" not in args.methods else tuple(args.cross_configs)
     methods = tuple(args.methods)
     if args.quick:
         args.nsamples, args.seqlen, args.max_tokens = 16, 256, 2048
@@ -136,7 +145,8 @@ def main() -> int:
         qz.add_arguments(parser)
         plan = [quantize_command(args, name, m, args.calib)[1] for name in configs for m in methods]
         args.nsamples = args.cross_nsamples or args.nsamples
-        plan += [quantize_command(args, name, "gptq", calib)[1] for calib in CROSS_CALIB for name in cross]
+        plan += [quantize_command(args, name, m, calib)[1] for calib in args.cross_calib for name in cross
+                 for m in ("gptq", "gptq-refine")[:1 + args.refine]]
         for cmd in plan:
             parser.parse_args(cmd[4:])  # after `python -m vllm_gptq_plugin.cli quantize`
             print(shlex.join(cmd))
@@ -175,17 +185,23 @@ def main() -> int:
         return 0
     print(f"\ntable 2: cross-domain, calibration {args.cross_nsamples or args.nsamples}x{args.seqlen} on one corpus; ratio <= 1 "
           "means GPTQ is no worse than RTN")
-    print(f"{'calibrated on':<14} {'config':<8} {'eval on':<18} {'fp':>7} {'RTN':>7} {'GPTQ':>7} {'ratio':>6}")
+    print(f"{'calibrated on':<14} {'config':<8} {'eval on':<18} {'fp':>7} {'RTN':>7} {'GPTQ':>7} {'ratio':>6}" +
+          (f" {'+refine':>8} {'ratio':>6}" if args.refine else ""))
     rtns = {name: quantize(args, name, "rtn", args.calib) for name in cross}  # no calibration
     args.nsamples = args.cross_nsamples or args.nsamples
-    for calib in CROSS_CALIB:
+    for calib in args.cross_calib:
         for name in cross:
             rtn, gptq = rtns[name], quantize(args, name, "gptq", calib)
+            refined = quantize(args, name, "gptq-refine", calib) if args.refine else None
             for e in EVALS:
                 r, g = ppl(args, rtn["path"], e, cache), ppl(args, gptq["path"], e, cache)
                 where = "in domain" if e.startswith(calib) else "OUT of domain"
+                more = ""
+                if refined is not None:
+                    gr = ppl(args, refined["path"], e, cache)
+                    more = f" {gr:>8.2f} {ratio(fp[e], r, gr):>6}"
                 print(f"{calib:<14} {name:<8} {e:<18} {fp[e]:>7.2f} {r:>7.2f} {g:>7.2f} "
-                      f"{ratio(fp[e], r, g):>6}  {where}")
+                      f"{ratio(fp[e], r, g):>6}{more}  {where}")
     return 0
 
 

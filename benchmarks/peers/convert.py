@@ -464,7 +464,8 @@ def quantize_with_peer(peer: str, model_dir: str | os.PathLike, ids: torch.Tenso
                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         print(f"peers: running {peer} ({' '.join(cmd[1:])}), output in {log}", file=sys.stderr)
         with open(log, "w") as fh:
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+            # cwd: GPTQModel writes a logs/ folder into the working directory
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
         if proc.returncode != 0 or not (tmp / "config.json").exists():
             tail = log.read_text(errors="replace").replace("\r", "\n").splitlines()[-15:]
             raise RuntimeError(f"{peer} failed (exit {proc.returncode}); last lines of {log}:\n" + "\n".join(tail))
