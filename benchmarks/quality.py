@@ -163,13 +163,14 @@ def main() -> int:
 
     print(f"\nmodel: {args.model}\ncaveat: SmolLM2's weights are a dequantized Q4_1 GGUF (4-bit, blocks of "
           "32, float mins): its 'fp' model is itself a 4-bit model")
-    print(f"table 1: calibration {args.calib} {args.nsamples}x{args.seqlen} seed 0; perplexity at ctx "
-          f"{args.ctx} on {args.max_tokens} tokens of each eval split; ratio = (GPTQ-fp)/(RTN-fp)")
-    head = f"{'config':<18} {'method':<6} " + " ".join(f"{e:>17}" for e in EVALS) + \
-        " " + " ".join(f"{'ratio ' + e.split(':')[0]:>18}" for e in EVALS) + \
-        f" {'quant s':>8} {'threads':>7} {'peak RSS MiB':>12} {'above base / bound':>18}"
-    print(head)
-    print(f"{'fp':<18} {'-':<6} " + " ".join(f"{fp[e]:>17.2f}" for e in EVALS))
+    if configs:
+        print(f"table 1: calibration {args.calib} {args.nsamples}x{args.seqlen} seed 0; perplexity at ctx "
+              f"{args.ctx} on {args.max_tokens} tokens of each eval split; ratio = (GPTQ-fp)/(RTN-fp)")
+        head = f"{'config':<18} {'method':<6} " + " ".join(f"{e:>17}" for e in EVALS) + \
+            " " + " ".join(f"{'ratio ' + e.split(':')[0]:>18}" for e in EVALS) + \
+            f" {'quant s':>8} {'threads':>7} {'peak RSS MiB':>12} {'above base / bound':>18}"
+        print(head)
+        print(f"{'fp':<18} {'-':<6} " + " ".join(f"{fp[e]:>17.2f}" for e in EVALS))
     for name in configs:
         reps = {m: quantize(args, name, m, args.calib) for m in methods}
         vals = {m: {e: ppl(args, reps[m]["path"], e, cache) for e in EVALS} for m in reps}
