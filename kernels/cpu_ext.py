@@ -15,7 +15,29 @@ import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+NAME = "vllm_gptq_cpu_dequant"
 SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_dequant.cpp", "cpu_gemm_bf16.cpp")]
+# torch's builder holds a `lock` file in the build folder while it compiles, and a second process waits
+# for it to vanish, for ever: a build killed halfway (Ctrl-C, an OOM kill, a stopped container) leaves
+# it behind and every later start hangs. The build takes ~2.5 min on 2 cores; a lock this much older
+# than that is from a build that is gone.
+STALE_LOCK_S = 20 * 60
+
+
+def clear_stale_lock(build_dir: Path, now: float | None = None) -> bool:
+    """Remove build_dir/lock if it is older than STALE_LOCK_S (logged); True if it did."""
+    import time
+    lock = Path(build_dir) / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_S:
+        return False
+    log.warning("vllm_gptq_plugin: removing %s, left %.0f min ago by a CPU extension build that did not finish "
+                "(torch would wait for it for ever); building again", lock, age / 60)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 @functools.cache
@@ -23,8 +45,9 @@ def load():
     if os.environ.get("VLLM_GPTQ_CPU_EXT", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load as build
-        return build(name="vllm_gptq_cpu_dequant", sources=[str(p) for p in SOURCES],
+        from torch.utils.cpp_extension import _get_build_directory, load as build
+        clear_stale_lock(Path(_get_build_directory(NAME, verbose=False)))
+        return build(name=NAME, sources=[str(p) for p in SOURCES],
                      extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                      verbose=False)
     except Exception as e:  # no g++/ninja, or headers missing: serve through torch ops instead

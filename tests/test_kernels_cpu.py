@@ -157,3 +157,20 @@ def test_fused_segments_refuse_odd_group_runs_and_other_dtypes():
     assert cpu.fused_segments(g, torch.bfloat16, 64) is None
     assert cpu.fused_segments(torch.zeros(6, dtype=torch.long), torch.float16, 64) is None
     assert cpu.fused_segments(torch.zeros(6, dtype=torch.long), torch.bfloat16, 96) is None
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, caplog):
+    """torch's extension builder waits for ever on a `lock` file a killed build left behind: one older
+    than cpu_ext.STALE_LOCK_S is removed with a warning, a younger one (a build in progress) is not."""
+    import os
+    import time
+    from vllm_gptq_plugin.kernels import cpu_ext
+    lock = tmp_path / "lock"
+    assert not cpu_ext.clear_stale_lock(tmp_path)  # no lock: nothing to do
+    lock.touch()
+    assert not cpu_ext.clear_stale_lock(tmp_path) and lock.exists()
+    old = time.time() - cpu_ext.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING"):
+        assert cpu_ext.clear_stale_lock(tmp_path)
+    assert not lock.exists() and "did not finish" in caplog.text and str(lock) in caplog.text
