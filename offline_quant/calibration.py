@@ -38,10 +38,14 @@ class Calibration:
     forward_dtype: str = DEFAULT_FORWARD_DTYPE
     device: str = "cpu"  # where the blocks run: "cpu" or "cuda[:N]" (devices.resolve makes it from "auto")
 
+    @property
+    def bf16(self) -> bool:
+        """Whether the forwards run in bf16 ("auto" resolved for this device)."""
+        return resolve_forward_dtype(self.forward_dtype, self.device) == "bf16"
+
     def autocast(self):
         """The context the decoder blocks run in: bf16 matmuls (H still accumulates in fp32)."""
-        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
-                              enabled=self.forward_dtype == "bf16")
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @contextlib.contextmanager
     def hessian_gemms(self):
@@ -56,7 +60,7 @@ class Calibration:
             backend, fast = torch.backends.mkldnn.matmul, "bf16"
             if not torch.backends.mkldnn.is_available():
                 backend = None
-        if self.forward_dtype != "bf16" or backend is None:
+        if not self.bf16 or backend is None:
             yield
             return
         # fp32_precision only: mixing it with the legacy allow_tf32 flag is an error in torch >= 2.9

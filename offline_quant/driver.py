@@ -159,7 +159,7 @@ def _non_finite_message(e: NonFiniteActivations, model, calib: Calibration) -> s
     if e.kind == "overflow":  # bf16 and fp32 share fp32's range: the forward dtype cannot help
         advice = ("these are the fp model's own activations on this text, as large with --forward-dtype fp32 "
                   "as with bf16: check the model's weights (a norm or scale blown up) and the calibration samples")
-    elif calib.forward_dtype == "bf16":
+    elif calib.bf16:
         advice = ("the blocks ran in bf16 autocast: rerun with --forward-dtype fp32; if the values stay non-finite, "
                   "the fp model itself produces them on this text: check its weights for Inf/NaN and the "
                   "calibration samples")

@@ -96,7 +96,7 @@ def memory(model: torch.nn.Module, cfg, calib, block: torch.nn.Module | None = N
     model_mb = sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
     paths = 2 if cfg.meta.get("fp_targets") else 1  # the quantized model's path (and the fp model's)
     # per path: the block inputs in fp32, and ChildMemo's attention outputs in the forward dtype
-    per_token = 4 + (2 if calib is not None and calib.forward_dtype == "bf16" else 4)
+    per_token = 4 + (2 if calib is not None and calib.bf16 else 4)
     act_mb = 0.0 if calib is None else paths * calib.nsamples * calib.seqlen * model.config.hidden_size * per_token / 2**20
     out = {"model_mb": model_mb, "activations_mb": act_mb, "bound_mb": 1.5 * model_mb + act_mb}
     if calib is not None and torch.device(calib.device).type == "cuda" and block is not None:

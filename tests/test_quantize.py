@@ -323,6 +323,7 @@ def test_auto_forward_dtype_takes_bf16_only_where_it_is_fast(tiny_llama, tmp_pat
     assert resolve_forward_dtype("auto", "cpu") == ("bf16" if fast_bf16 else "fp32")
     assert resolve_forward_dtype("auto", "cuda:0") == "bf16"
     assert resolve_forward_dtype("fp32", "cuda") == "fp32" and resolve_forward_dtype("bf16", "cpu") == "bf16"
+    assert Calibration(device="cpu").bf16 == fast_bf16 and Calibration(device="cuda").bf16  # the contexts follow
     path = api.quantize(tiny_llama, tmp_path / "q", api.QuantConfig(bits=4, group_size=64), device="cpu", **CALIB)
     rep = json.loads((path / rpt.REPORT_FILE).read_text())
     assert rep["calibration"]["forward_dtype"] == ("bf16" if fast_bf16 else "fp32")
