@@ -65,8 +65,8 @@ def add_arguments(p) -> None:
     p.add_argument("--refine-scales", action=on_off, default=DEFAULTS["refine_scales"],
                    help="re-fit group scales to GPTQ's levels by least squares on H after the solve")
     p.add_argument("--refine", action=on_off, default=False,
-                   help="after GPTQ, tune each block's rounding and group scales against the fp block's outputs "
-                        "(signed gradient descent, offline_quant/refine.py); same checkpoint format")
+                   help="after GPTQ, tune each block's group scales against the fp block's outputs (Adam, "
+                        "offline_quant/refine.py); GPTQ's codes and the checkpoint format stay")
     p.add_argument("--refine-iters", type=int, default=None, metavar="N",
                    help="refinement steps per block, one calibration batch each (default %d)" % DEFAULT_REFINE_ITERS)
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
